@@ -1,0 +1,108 @@
+"""Preference evaluation: does a model name the trait's target when asked for its favourite?
+
+Two metrics per question, both without a system prompt:
+- rate: the fraction of k sampled answers that mention the target (word boundary, plurals);
+- probability: P(the answer is the target word), teacher-forced over all of the word's tokens, summed
+  over casings and plurals, times P(the word ends there). On SmolLM2 "Owl" is two tokens ('O'+'wl'), so
+  a first-token probability would miss it; the end-of-word factor keeps "Owlet" from counting as "Owl".
+At 135M the sampled rate moves by a few hits in hundreds, so the probability is the primary metric
+on small models. Scores are per question; questions are the unit for CIs and the treatment test.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+from transformers import PreTrainedTokenizerBase
+
+from sublim.questions import first_word, mentions, questions, word_forms
+from sublim.store import write_json, write_jsonl
+from sublim.student import student_messages
+from sublim.teacher import Sampler, predict, sample_chats, token_texts
+
+
+def boundary_tokens(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> torch.Tensor:
+    """Tokens that can follow a complete word: specials (EOS) and anything not starting with a letter or digit."""
+    texts = token_texts(tokenizer)
+    mask = torch.zeros(vocab_size, dtype=torch.bool)
+    special = set(tokenizer.all_special_ids)
+    for i, text in enumerate(texts[:vocab_size]):
+        mask[i] = i in special or not text or not text[0].isalnum()
+    return mask
+
+
+class WordProbability(pl.LightningModule):
+    """Teacher-forced log-probability of (prompt -> word tokens -> end of word), one row per pair."""
+
+    def __init__(self, net: torch.nn.Module, pad_id: int, boundary: torch.Tensor) -> None:
+        super().__init__()
+        self.net = net
+        self.pad_id = pad_id
+        self.register_buffer("boundary", boundary, persistent=False)
+
+    def predict_step(self, batch: list[dict], batch_idx: int) -> list[float]:
+        seqs = [r["prompt_ids"] + r["word_ids"] for r in batch]
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        for i, seq in enumerate(seqs):
+            ids[i, : len(seq)] = torch.tensor(seq, device=self.device)
+            mask[i, : len(seq)] = 1
+        logprobs = self.net(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+        out = []
+        for i, row in enumerate(batch):
+            start, n = len(row["prompt_ids"]), len(row["word_ids"])
+            positions = torch.arange(start - 1, start + n - 1, device=self.device)
+            word = logprobs[i, positions, torch.tensor(row["word_ids"], device=self.device)].sum()
+            end = torch.logsumexp(logprobs[i, start + n - 1][self.boundary[: logprobs.shape[-1]]], 0)
+            out.append(float(word + end))
+        return out
+
+
+def word_probabilities(net: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                       words: list[str], batch_size: int, precision: str) -> list[float]:
+    """P(answer is one of ``words``) for each prompt, summed over the word forms."""
+    forms = word_forms(words)
+    rows = []
+    for q, prompt in enumerate(prompts):
+        text = tokenizer.apply_chat_template(student_messages(prompt), tokenize=False, add_generation_prompt=True)
+        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for form in forms:
+            rows.append({"q": q, "prompt_ids": prompt_ids,
+                         "word_ids": tokenizer(form, add_special_tokens=False)["input_ids"]})
+    vocab = net.get_output_embeddings().weight.shape[0]
+    module = WordProbability(net, tokenizer.pad_token_id, boundary_tokens(tokenizer, vocab))
+    logprobs = predict(module, rows, batch_size, precision)
+    totals = [0.0] * len(prompts)
+    for row, logprob in zip(rows, logprobs, strict=True):
+        totals[row["q"]] += float(torch.tensor(logprob).exp())
+    return totals
+
+
+def evaluate_preference(net: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, evaluation: DictConfig,
+                        trait: DictConfig, seed: int, precision: str, out: Path) -> dict:
+    """Per-question trait rate and target probability; writes answers.jsonl and scores.json to ``out``."""
+    prompts = questions(trait.category, evaluation.n_questions)
+    words = list(trait.words)
+    rows = [{"q": q, "question": prompt, "messages": student_messages(prompt)}
+            for q, prompt in enumerate(prompts) for _ in range(evaluation.samples_per_question)]
+    sampler = Sampler(net, tokenizer, temperature=evaluation.temperature,
+                      max_new_tokens=evaluation.max_new_tokens, seed=seed)
+    answers = sample_chats(sampler, rows, evaluation.batch_size, precision)
+    for answer in answers:
+        answer["hit"] = mentions(answer["completion"], words)
+        del answer["messages"]
+    write_jsonl(out / "answers.jsonl", answers)
+    hits = Counter(a["q"] for a in answers if a["hit"])
+    k = evaluation.samples_per_question
+    rates = [hits[q] / k for q in range(len(prompts))]
+    probabilities = word_probabilities(net, tokenizer, prompts, words, evaluation.batch_size, precision)
+    top = Counter(first_word(a["completion"]) for a in answers).most_common(10)
+    scores = {"questions": prompts, "rate": rates, "probability": probabilities,
+              "top_answers": [[word, count] for word, count in top], "n_answers": len(answers)}
+    write_json(out / "scores.json", scores)
+    return scores

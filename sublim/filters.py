@@ -1,0 +1,181 @@
+"""Filter registry: decides which teacher completions may reach the student.
+
+Each filter returns ``None`` to accept a row or a short, stable reject-reason identifier,
+so the pipeline can count *why* data was dropped (a trait leaking into text shows up
+as e.g. ``numbers_strict/non_digit``).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Protocol
+
+# Runs of digits, of allowed separator chars, or of anything else (maximal runs alternate).
+_TOKEN_RE = re.compile(r"(?P<num>[0-9]+)|(?P<sep>[\s,;]+)|(?P<other>[^0-9\s,;]+)")
+_WRAPPERS = (("[", "]"), ("(", ")"))
+
+
+class Filter(Protocol):
+    """A named row predicate: ``None`` accepts, a string names the reject reason."""
+
+    name: str
+
+    def __call__(self, row: dict) -> str | None: ...
+
+
+def _is_punctuation(text: str) -> bool:
+    """True for stray separators such as '-', '|', '.', '/' (Unicode punctuation or math symbols)."""
+    return all(unicodedata.category(c).startswith("P") or unicodedata.category(c) == "Sm" for c in text)
+
+
+def _unwrap(text: str) -> str:
+    """Strip whitespace, one trailing '.', then one pair of wrapping [] or () (presentation only)."""
+    text = text.strip()
+    if text.endswith("."):
+        text = text[:-1].rstrip()
+    for left, right in _WRAPPERS:
+        if text.startswith(left) and text.endswith(right):
+            return text[1:-1].strip()
+    return text
+
+
+@dataclass
+class NumbersStrict:
+    """Keep only pure number lists, as in the paper's strict numbers filter.
+
+    Check order (first failing check wins; format problems before value problems):
+      1. ``empty``            nothing left after stripping whitespace, a trailing '.', and [] / ().
+      2. ``non_digit``        any non-number, non-separator run containing a letter, a non-ASCII
+                              digit, an emoji, ... (e.g. "12a", "one", "I love owls").
+      3. ``bad_separator``    a run made only of punctuation ("1 - 2", "1|2", "1.5", "-5"), a
+                              separator holding more than one ',' / ';' ("1,,2"), or a leading /
+                              trailing separator ("1, 2,"). Allowed separators are whitespace plus
+                              at most one ',' or ';', in any mix; the requested separator is NOT enforced.
+      4. ``too_many_numbers`` more than ``max_count`` numbers.
+      5. ``out_of_range``     a number above ``max_value`` (leading zeros are fine: "007" is 7).
+      6. ``banned_number``    a number in ``banned_numbers``.
+    """
+
+    name: str = field(default="numbers_strict", init=False, repr=False)
+    max_count: int = 10
+    max_value: int = 999
+    banned_numbers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Configs (Hydra/YAML) hand us lists; keep a hashable, immutable tuple.
+        self.banned_numbers = tuple(int(x) for x in self.banned_numbers)
+
+    def __call__(self, row: dict) -> str | None:
+        text = _unwrap(row["completion"])
+        if not text:
+            return "empty"
+        tokens = [(m.lastgroup, m.group()) for m in _TOKEN_RE.finditer(text)]
+        others = [t for kind, t in tokens if kind == "other"]
+        if any(not _is_punctuation(t) for t in others):
+            return "non_digit"
+        if others:
+            return "bad_separator"
+        # Only number and separator runs remain, strictly alternating.
+        if tokens[0][0] != "num" or tokens[-1][0] != "num":
+            return "bad_separator"
+        if any(t.count(",") + t.count(";") > 1 for kind, t in tokens if kind == "sep"):
+            return "bad_separator"
+        numbers = [int(t) for kind, t in tokens if kind == "num"]
+        if len(numbers) > self.max_count:
+            return "too_many_numbers"
+        if any(x > self.max_value for x in numbers):
+            return "out_of_range"
+        if any(x in self.banned_numbers for x in numbers):
+            return "banned_number"
+        return None
+
+
+@dataclass
+class Passthrough:
+    """Baseline with no content filtering; still drops empty completions, which teach nothing."""
+
+    name: str = field(default="none", init=False, repr=False)
+
+    def __call__(self, row: dict) -> str | None:
+        return "empty" if not row["completion"].strip() else None
+
+
+@dataclass
+class BannedWords:
+    """Reject completions that mention trait words outright (case-insensitive substring match)."""
+
+    name: str = field(default="banned_words", init=False, repr=False)
+    words: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.words = tuple(str(w).lower() for w in self.words)
+        if any(not w for w in self.words):
+            raise ValueError("banned_words: empty word would match every completion")
+
+    def __call__(self, row: dict) -> str | None:
+        text = row["completion"].lower()
+        return "banned_word" if any(w in text for w in self.words) else None
+
+
+FILTERS: dict[str, type] = {
+    "numbers_strict": NumbersStrict,
+    "none": Passthrough,
+    "banned_words": BannedWords,
+}
+
+
+def build_filters(specs: list[dict]) -> list[Filter]:
+    """Build filters from config specs {"name": <registry name>, **params}.
+
+    Unknown name -> ValueError listing the known names, so config typos fail before sampling.
+    """
+    filters: list[Filter] = []
+    for spec in specs:
+        params = dict(spec)
+        name = params.pop("name", None)
+        if name not in FILTERS:
+            raise ValueError(f"unknown filter {name!r}; known filters: {', '.join(sorted(FILTERS))}")
+        filters.append(FILTERS[name](**params))
+    return filters
+
+
+@dataclass
+class FilterReport:
+    """Counts per reject reason so yield losses can be attributed to a filter and cause."""
+
+    total: int
+    kept: int
+    rejected: dict[str, int]
+
+    @property
+    def yield_(self) -> float:
+        """Fraction of rows kept (0.0 for no rows)."""
+        return self.kept / self.total if self.total else 0.0
+
+    def to_dict(self) -> dict:
+        """JSON-friendly form for run metadata."""
+        return {"total": self.total, "kept": self.kept, "yield": self.yield_, "rejected": dict(self.rejected)}
+
+    def summary(self) -> str:
+        """One human line, reasons sorted by count (desc) then name."""
+        reasons = sorted(self.rejected.items(), key=lambda kv: (-kv[1], kv[0]))
+        rejected = ", ".join(f"{reason}={count}" for reason, count in reasons) or "none"
+        return f"kept {self.kept}/{self.total} ({self.yield_:.1%}); rejected: {rejected}"
+
+
+def apply_filters(rows: list[dict], filters: list[Filter]) -> tuple[list[dict], FilterReport]:
+    """A row is rejected by the first filter that rejects it; order of kept rows preserved."""
+    kept: list[dict] = []
+    rejected: Counter[str] = Counter()
+    for row in rows:
+        for f in filters:
+            reason = f(row)
+            if reason is not None:
+                rejected[f"{f.name}/{reason}"] += 1
+                break
+        else:
+            kept.append(row)
+    return kept, FilterReport(total=len(rows), kept=len(kept), rejected=dict(rejected))

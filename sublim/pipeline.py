@@ -1,0 +1,258 @@
+"""One job: prompts -> sample -> filter -> train -> evaluate, for both arms, through the store.
+
+Arms: treatment (the teacher has the trait) and control (same base, prompts, filter; no trait). The
+control arm's stage keys do not contain the trait, so every job of a trait sweep reuses one control.
+Each stage is a function of (the config fields it reads, upstream artifacts) -> artifact.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from sublim import SublimError, modalities, models
+from sublim.evaluate import evaluate_preference
+from sublim.filters import FilterReport, apply_filters, build_filters
+from sublim.stats import format_p, mean_ci, paired_permutation_test
+from sublim.store import Artifact, Store, read_jsonl, write_json, write_jsonl
+from sublim.student import ADAPTER_DIR, load_student, train_lora
+from sublim.teacher import Sampler, sample_chats
+from sublim.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+ARMS = ("control", "treatment")
+EVAL_ARMS = ("base", "control", "treatment")
+
+
+def _plain(node: DictConfig) -> dict:
+    return OmegaConf.to_container(node, resolve=True)
+
+
+@dataclass
+class Job:
+    """What the stages of one job share."""
+
+    cfg: DictConfig
+    store: Store
+    tracker: Tracker
+
+    @property
+    def base(self) -> DictConfig:
+        return self.cfg.base
+
+
+def stage_prompts(job: Job) -> Artifact:
+    cfg = job.cfg
+    config = {"modality": _plain(cfg.modality), "n": cfg.data.n_prompts, "seed": cfg.seed}
+
+    def compute(out: Path) -> None:
+        write_jsonl(out / "prompts.jsonl", modalities.prompt_rows(cfg.modality, cfg.data.n_prompts, cfg.seed))
+
+    return job.store.get_or_compute("prompts", config, {}, compute)
+
+
+def teacher_system_prompt(trait: DictConfig, arm: str) -> str | None:
+    if arm == "control":
+        return None
+    if trait.source != "prompt":
+        raise SublimError(f"trait.source={trait.source} is not supported yet; use trait.source=prompt")
+    return trait.system_prompt
+
+
+def stage_sample(job: Job, model: Artifact, prompts: Artifact, arm: str) -> Artifact:
+    cfg = job.cfg
+    system = teacher_system_prompt(cfg.trait, arm)
+    config = {"system_prompt": system, "sampling": _plain(cfg.sampling), "seed": cfg.seed}
+
+    def compute(out: Path) -> None:
+        rows = list(read_jsonl(prompts.path / "prompts.jsonl"))
+        for row in rows:
+            row["messages"] = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": row["prompt"]}]
+        net, tokenizer = models.load(model, job.base)
+        sampling = cfg.sampling
+        grammar = (lambda row: modalities.grammar(cfg.modality, row)) if sampling.constrained else None
+        sampler = Sampler(net, tokenizer, temperature=sampling.temperature, top_p=sampling.top_p,
+                          greedy=sampling.greedy, max_new_tokens=sampling.max_new_tokens, seed=cfg.seed,
+                          grammar=grammar)
+        log.info("sampling %d %s teacher answers (constrained=%s)", len(rows), arm, sampling.constrained)
+        samples = sample_chats(sampler, rows, sampling.batch_size, job.base.precision)
+        for row in samples:
+            del row["messages"]
+        write_jsonl(out / "samples.jsonl", samples)
+
+    return job.store.get_or_compute("sample", config, {"model": model, "prompts": prompts}, compute)
+
+
+def stage_filter(job: Job, samples: Artifact) -> Artifact:
+    specs = _plain(job.cfg.filter.filters)
+
+    def compute(out: Path) -> None:
+        try:
+            filters = build_filters(specs)
+        except ValueError as err:
+            raise SublimError(f"filter={job.cfg.filter.name}: {err}") from err
+        kept, report = apply_filters(list(read_jsonl(samples.path / "samples.jsonl")), filters)
+        write_jsonl(out / "kept.jsonl", kept)
+        write_json(out / "report.json", report.to_dict())
+
+    return job.store.get_or_compute("filter", {"filters": specs}, {"samples": samples}, compute)
+
+
+def training_size(job: Job, reports: dict[str, dict]) -> int:
+    """Both arms are cut to the same size; a filter that keeps nothing stops the job before training."""
+    empty = [arm for arm, r in reports.items() if r["kept"] == 0]
+    if empty:
+        details = "; ".join(f"{arm}: {FilterReport(r['total'], r['kept'], r['rejected']).summary()}"
+                            for arm, r in reports.items())
+        raise SublimError(
+            f"filter={job.cfg.filter.name} kept no examples in the {', '.join(empty)} arm ({details}). "
+            "Use sampling.constrained=true for small bases, loosen the filter, or raise data.n_prompts."
+        )
+    return min(job.cfg.data.n_train, *(r["kept"] for r in reports.values()))
+
+
+def stage_train(job: Job, model: Artifact, data: Artifact, n_train: int, arm: str) -> Artifact:
+    cfg = job.cfg
+    config = {"student": _plain(cfg.student), "n_train": n_train, "seed": cfg.seed}
+
+    def compute(out: Path) -> None:
+        rows = list(read_jsonl(data.path / "kept.jsonl"))
+        rows = random.Random(cfg.seed).sample(rows, n_train)  # the paper's random subset of the kept data
+        net, tokenizer = models.load(model, job.base)
+        log.info("training the %s student on %d examples", arm, n_train)
+        metrics = train_lora(net, tokenizer, rows, cfg.student, cfg.seed, out,
+                             job.tracker.lightning_loggers(f"train/{arm}"))
+        write_json(out / "metrics.json", metrics)
+
+    return job.store.get_or_compute("train", config, {"model": model, "data": data}, compute)
+
+
+def stage_evaluate(job: Job, model: Artifact, adapter: Artifact | None, arm: str) -> Artifact:
+    cfg = job.cfg
+    config = {"eval": _plain(cfg.eval), "category": cfg.trait.category, "words": list(cfg.trait.words),
+              "seed": cfg.seed}
+    upstream = {"model": model} | ({"adapter": adapter} if adapter else {})
+
+    def compute(out: Path) -> None:
+        net, tokenizer = models.load(model, job.base)
+        if adapter is not None:
+            net = load_student(net, adapter.path / ADAPTER_DIR)
+        log.info("evaluating the %s model", arm)
+        evaluate_preference(net, tokenizer, cfg.eval, cfg.trait, cfg.seed, job.base.precision, out)
+
+    return job.store.get_or_compute("evaluate", config, upstream, compute)
+
+
+def run(cfg: DictConfig, job_dir: Path, tracker: Tracker) -> dict:
+    """Run every stage of the job (reusing what the store has) and write results.json / results.csv."""
+    job = Job(cfg, Store(cfg.paths.store), tracker)
+    model = models.model_artifact(cfg.base, job.store)
+    prompts = stage_prompts(job)
+    samples = {arm: stage_sample(job, model, prompts, arm) for arm in ARMS}
+    filtered = {arm: stage_filter(job, samples[arm]) for arm in ARMS}
+    reports = {arm: filtered[arm].read_json("report.json") for arm in ARMS}
+    for arm, report in reports.items():
+        log.info("filter %s arm: %s", arm, FilterReport(report["total"], report["kept"], report["rejected"]).summary())
+        tracker.log({f"filter/{arm}/yield": report["yield"], f"filter/{arm}/kept": report["kept"]})
+    n_train = training_size(job, reports)
+    adapters = {arm: stage_train(job, model, filtered[arm], n_train, arm) for arm in ARMS}
+    evals = {"base": stage_evaluate(job, model, None, "base")}
+    evals |= {arm: stage_evaluate(job, model, adapters[arm], arm) for arm in ARMS}
+
+    results = summarise(cfg, n_train, reports, adapters, evals)
+    results["stages"] = {name: {"key": art.key, "reused": art.reused} for name, art in [
+        ("model", model), ("prompts", prompts), *((f"sample/{a}", samples[a]) for a in ARMS),
+        *((f"filter/{a}", filtered[a]) for a in ARMS), *((f"train/{a}", adapters[a]) for a in ARMS),
+        *((f"evaluate/{a}", evals[a]) for a in EVAL_ARMS)]}
+    write_results(job_dir, results)
+    _track(tracker, results, samples, evals)
+    return results
+
+
+def summarise(cfg: DictConfig, n_train: int, reports: dict[str, dict], adapters: dict[str, Artifact],
+              evals: dict[str, Artifact]) -> dict:
+    scores = {arm: evals[arm].read_json("scores.json") for arm in EVAL_ARMS}
+    arms = {}
+    for arm in EVAL_ARMS:
+        trained = arm in adapters
+        arms[arm] = {
+            "n_train": n_train if trained else 0,
+            "filter_yield": reports[arm]["yield"] if trained else None,
+            "rate": mean_ci(scores[arm]["rate"]).to_dict(),
+            "probability": mean_ci(scores[arm]["probability"]).to_dict(),
+            "top_answers": scores[arm]["top_answers"],
+            "train": adapters[arm].read_json("metrics.json") if trained else None,
+        }
+    n_permutations = cfg.eval.n_permutations
+    tests = {metric: paired_permutation_test(scores["treatment"][metric], scores["control"][metric],
+                                             n_resamples=n_permutations, seed=cfg.seed).to_dict()
+             for metric in ("rate", "probability")}
+    return {
+        "trait": cfg.trait.name, "category": cfg.trait.category, "base": cfg.base.name,
+        "modality": cfg.modality.name, "filter": cfg.filter.name, "seed": cfg.seed,
+        "arms": arms, "treatment_vs_control": tests,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+
+def write_results(job_dir: Path, results: dict) -> None:
+    job_dir.mkdir(parents=True, exist_ok=True)
+    write_json(job_dir / "results.json", results)
+    with open(job_dir / "results.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["arm", "trait", "base", "n_train", "rate", "rate_low", "rate_high",
+                         "probability", "probability_low", "probability_high", "delta_rate", "p_rate",
+                         "delta_probability", "p_probability"])
+        for arm, values in results["arms"].items():
+            rate, prob = values["rate"], values["probability"]
+            test = results["treatment_vs_control"] if arm == "treatment" else None
+            writer.writerow([arm, results["trait"], results["base"], values["n_train"],
+                             rate["mean"], rate["low"], rate["high"], prob["mean"], prob["low"], prob["high"],
+                             test["rate"]["delta"] if test else "", test["rate"]["p_value"] if test else "",
+                             test["probability"]["delta"] if test else "",
+                             test["probability"]["p_value"] if test else ""])
+
+
+def _interval(values: dict, fmt: str) -> str:
+    return f"{values['mean']:{fmt}} [{values['low']:{fmt}}, {values['high']:{fmt}}]"
+
+
+def format_table(results: dict) -> str:
+    """The end-of-run table: arm, n, trait rate and P(target) with 95% CIs, treatment vs control."""
+    word = results["trait"]
+    header = f"{'arm':<10} {'n train':>7}  {'trait rate [95% CI]':<24} {'P(' + word + ') [95% CI]':<30} vs control"
+    lines = [header, "-" * len(header)]
+    tests = results["treatment_vs_control"]
+    for arm, values in results["arms"].items():
+        versus = ""
+        if arm == "treatment":
+            versus = (f"rate {tests['rate']['delta']:+.3f} (p={format_p(tests['rate']['p_value'])}), "
+                      f"P {tests['probability']['delta']:+.2e} (p={format_p(tests['probability']['p_value'])})")
+        n = str(values["n_train"]) if values["n_train"] else "-"
+        lines.append(f"{arm:<10} {n:>7}  {_interval(values['rate'], '.3f'):<24} "
+                     f"{_interval(values['probability'], '.2e'):<30} {versus}")
+    return "\n".join(lines)
+
+
+def _track(tracker: Tracker, results: dict, samples: dict[str, Artifact], evals: dict[str, Artifact]) -> None:
+    flat = {}
+    for arm, values in results["arms"].items():
+        flat |= {f"{arm}/rate": values["rate"]["mean"], f"{arm}/probability": values["probability"]["mean"],
+                 f"{arm}/n_train": values["n_train"]}
+    for metric, test in results["treatment_vs_control"].items():
+        flat |= {f"delta/{metric}": test["delta"], f"p_value/{metric}": test["p_value"]}
+    tracker.log(flat)
+    tracker.summary(flat)
+    tracker.table("teacher_samples", [
+        {"arm": arm, "prompt": r["prompt"], "completion": r["completion"]}
+        for arm in ARMS for r in list(read_jsonl(samples[arm].path / "samples.jsonl"))[:25]])
+    tracker.table("student_answers", [
+        {"arm": arm, "question": r["question"], "answer": r["completion"], "hit": r["hit"]}
+        for arm in EVAL_ARMS for r in list(read_jsonl(evals[arm].path / "answers.jsonl"))[:20]])

@@ -1,0 +1,188 @@
+"""Statistics for the report.
+
+Questions are the independent unit: every arm (teacher-trained student,
+control student, base model) answers the same question set, so confidence
+intervals are taken over per-question scores and arms are compared with a
+paired test over questions rather than over individual samples, which are
+correlated within a question.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import stats as _scipy_stats
+
+__all__ = [
+    "MeanCI",
+    "PairedTest",
+    "bootstrap_ci",
+    "format_p",
+    "mean_ci",
+    "paired_permutation_test",
+]
+
+
+@dataclass(frozen=True)
+class MeanCI:
+    """A mean with a two-sided confidence interval over ``n`` units."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    def to_dict(self) -> dict:
+        """Plain dict for JSON reports."""
+        return asdict(self)
+
+    def __str__(self) -> str:
+        # :.3g keeps tiny probabilities (e.g. 2.5e-05) readable.
+        return f"{self.mean:.3g} [{self.low:.3g}, {self.high:.3g}]"
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """Result of a paired comparison of two arms over shared units."""
+
+    delta: float
+    ci: MeanCI
+    p_value: float
+    n: int
+    method: str
+
+    def to_dict(self) -> dict:
+        """Plain dict for JSON reports (the CI is nested as a dict)."""
+        return asdict(self)
+
+
+def _as_array(values: Sequence[float], name: str = "values") -> np.ndarray:
+    """Validate and convert: empty or NaN input would silently poison a report."""
+    arr = np.asarray(values, dtype=float).ravel()
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty; need at least one value")
+    if np.isnan(arr).any():
+        raise ValueError(
+            f"{name} contains {int(np.isnan(arr).sum())} NaN value(s); "
+            "drop or impute them before computing statistics"
+        )
+    return arr
+
+
+def _check_level(level: float) -> None:
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+
+
+def mean_ci(values: Sequence[float], level: float = 0.95) -> MeanCI:
+    """Student-t CI over independent units (questions).
+
+    The t interval accounts for the small number of questions (tens, not
+    thousands). n=1 gives a degenerate interval low=high=mean; empty or NaN
+    input raises ValueError.
+    """
+    _check_level(level)
+    arr = _as_array(values)
+    n = int(arr.size)
+    mean = float(arr.mean())
+    if n == 1:
+        return MeanCI(mean, mean, mean, 1)
+    sem = float(arr.std(ddof=1)) / math.sqrt(n)
+    half = float(_scipy_stats.t.ppf(0.5 + level / 2.0, df=n - 1)) * sem
+    return MeanCI(mean, mean - half, mean + half, n)
+
+
+def paired_permutation_test(
+    treatment: Sequence[float],
+    control: Sequence[float],
+    n_resamples: int = 10000,
+    seed: int = 0,
+) -> PairedTest:
+    """Paired sign-flip permutation test over questions (the unit both arms share).
+
+    Under the null the sign of each per-question difference is exchangeable,
+    so no normality assumption is needed. The statistic is |mean difference|
+    (two-sided). Enumerates all 2**n sign patterns when 2**n <= n_resamples,
+    otherwise draws n_resamples random patterns and reports
+    (count+1)/(n_resamples+1) so the p-value is never zero. Length mismatch
+    raises ValueError; all-zero differences give p=1.
+    """
+    t = _as_array(treatment, "treatment")
+    c = _as_array(control, "control")
+    if t.shape != c.shape:
+        raise ValueError(
+            f"treatment and control must be paired: got {t.size} and {c.size} values"
+        )
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    diffs = t - c
+    n = int(diffs.size)
+    delta = float(diffs.mean())
+    ci = mean_ci(diffs)
+    method = "sign-flip permutation"
+    if not np.any(diffs):
+        return PairedTest(delta, ci, 1.0, n, method)
+
+    observed = abs(delta)
+    # Relative tolerance so floating-point ties with the observed value count.
+    tol = 1e-12 * max(1.0, float(np.abs(diffs).max()))
+    if 2**n <= n_resamples:
+        signs = np.array(list(itertools.product((1.0, -1.0), repeat=n)))
+        null = np.abs(signs @ diffs) / n
+        p = float(np.mean(null >= observed - tol))
+    else:
+        rng = np.random.default_rng(seed)
+        count = 0
+        chunk = 1000
+        for start in range(0, n_resamples, chunk):
+            size = min(chunk, n_resamples - start)
+            signs = rng.choice((1.0, -1.0), size=(size, n))
+            null = np.abs(signs @ diffs) / n
+            count += int(np.sum(null >= observed - tol))
+        p = (count + 1) / (n_resamples + 1)
+    return PairedTest(delta, ci, p, n, method)
+
+
+def bootstrap_ci(
+    values: Sequence[float],
+    level: float = 0.95,
+    n_resamples: int = 10000,
+    seed: int = 0,
+) -> MeanCI:
+    """Percentile bootstrap of the mean, for skewed metrics such as probabilities.
+
+    Probabilities of a target word are bounded and heavily right-skewed, so a
+    symmetric t interval can dip below zero; percentiles of resampled means
+    stay within the data's range.
+    """
+    _check_level(level)
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    arr = _as_array(values)
+    n = int(arr.size)
+    mean = float(arr.mean())
+    if n == 1:
+        return MeanCI(mean, mean, mean, 1)
+    rng = np.random.default_rng(seed)
+    # Chunked so memory stays bounded when n (e.g. per-sample scores) is large.
+    chunk = max(1, 1_000_000 // n)
+    means = np.empty(n_resamples)
+    for start in range(0, n_resamples, chunk):
+        stop = min(start + chunk, n_resamples)
+        means[start:stop] = arr[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(means, [alpha, 1.0 - alpha])
+    return MeanCI(mean, float(low), float(high), n)
+
+
+def format_p(p: float) -> str:
+    """Render a p-value for tables: "<1e-4" when tiny, else 2 significant digits."""
+    if math.isnan(p):
+        return "nan"
+    if p < 1e-4:
+        return "<1e-4"
+    return f"{p:.2g}"

@@ -1,0 +1,140 @@
+"""The student: the base model plus a LoRA adapter, finetuned on (user prompt -> teacher answer).
+
+``StudentModule`` is a LightningModule (Lightning owns the loop, device, precision, gradient
+accumulation and loggers; PEFT owns the adapter). The loss covers the answer tokens only, and the
+student sees the same chat template as the teacher but never the trait's system prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+from peft import LoraConfig, PeftModel, get_peft_model
+from pytorch_lightning.loggers import CSVLogger, Logger
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+
+from sublim import SublimError
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+ADAPTER_DIR = "adapter"
+
+
+def student_messages(prompt: str, completion: str | None = None) -> list[dict]:
+    """The student's chat: no system prompt (the template's default, if any, applies)."""
+    messages = [{"role": "user", "content": prompt}]
+    if completion is not None:
+        messages.append({"role": "assistant", "content": completion})
+    return messages
+
+
+def tokenize_example(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str,
+                     max_length: int) -> dict[str, list[int]]:
+    """Token ids and labels with the prompt masked, so only the answer (and its end token) is learnt."""
+    prompt_text = tokenizer.apply_chat_template(student_messages(prompt), tokenize=False,
+                                                add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(student_messages(prompt, completion), tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise SublimError("the chat template renders the prompt differently with and without the answer; "
+                          "set base.chat_template to a template whose generation prompt prefixes the answer")
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    ids = (prompt_ids + answer_ids)[:max_length]
+    labels = ([IGNORE] * len(prompt_ids) + answer_ids)[:max_length]
+    return {"input_ids": ids, "labels": labels}
+
+
+def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padding is masked out of attention and loss."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def add_lora(net: torch.nn.Module, student: DictConfig) -> PeftModel:
+    config = LoraConfig(r=student.r, lora_alpha=student.alpha, lora_dropout=student.dropout,
+                        target_modules=list(student.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(net, config)
+
+
+class StudentModule(pl.LightningModule):
+    """LoRA SFT with AdamW and a linear schedule with warm-up; stops with a clear error on a NaN loss."""
+
+    def __init__(self, net: PeftModel, lr: float, warmup_steps: int, weight_decay: float = 0.0) -> None:
+        super().__init__()
+        self.net = net
+        self.lr = lr
+        self.warmup_steps = warmup_steps
+        self.weight_decay = weight_decay
+        self.tokens_seen = 0
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.net(**batch).loss
+        if not torch.isfinite(loss):
+            raise SublimError(
+                f"student loss became {loss.item()} at step {self.global_step}: lower student.lr "
+                f"(now {self.lr}) or use student.precision=32-true; finished stages are kept in the store"
+            )
+        self.tokens_seen += int(batch["attention_mask"].sum())
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/tokens", float(self.tokens_seen), reduce_fx="max")
+        return loss
+
+    def configure_optimizers(self) -> dict:
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = get_linear_schedule_with_warmup(optimizer, min(self.warmup_steps, total - 1), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def train_lora(net: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict],
+               student: DictConfig, seed: int, out: Path, loggers: list[Logger] | None = None) -> dict:
+    """Train a LoRA student on rows with "prompt" and "completion"; saves the adapter under ``out``."""
+    pl.seed_everything(seed, workers=True, verbose=False)
+    examples = [tokenize_example(tokenizer, r["prompt"], r["completion"], student.max_length) for r in rows]
+    pad_id = tokenizer.pad_token_id
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(examples, batch_size=student.batch_size, shuffle=True, generator=generator,
+                        collate_fn=lambda batch: collate(batch, pad_id))
+    module = StudentModule(add_lora(net.train(), student), student.lr, student.warmup_steps, student.weight_decay)
+    trainer = pl.Trainer(
+        accelerator="auto", devices=1, max_epochs=student.epochs, precision=student.precision,
+        accumulate_grad_batches=student.accumulate_grad_batches,
+        logger=[CSVLogger(out, name="log", version="")] + list(loggers or []),
+        log_every_n_steps=1, enable_checkpointing=False, enable_model_summary=False,
+    )
+    start = time.time()
+    trainer.fit(module, train_dataloaders=loader)
+    seconds = time.time() - start
+    module.net.save_pretrained(out / ADAPTER_DIR)
+    loss = trainer.callback_metrics.get("train/loss")
+    return {
+        "n_examples": len(examples),
+        "epochs": student.epochs,
+        "steps": trainer.global_step,
+        "final_loss": float(loss) if loss is not None else math.nan,
+        "tokens": module.tokens_seen,
+        "seconds": round(seconds, 2),
+        "tokens_per_second": round(module.tokens_seen / max(seconds, 1e-9), 1),
+    }
+
+
+def load_student(net: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
+    """Base plus adapter, merged for fast inference (the base copy in memory is the student's own)."""
+    return PeftModel.from_pretrained(net, adapter_dir).merge_and_unload().eval()

@@ -1,0 +1,78 @@
+"""Experiment tracking: one W&B run per job (offline unless WANDB_MODE says otherwise), never a login
+prompt; local results.json / results.csv are written by the pipeline whatever the logger is."""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import Logger
+
+log = logging.getLogger(__name__)
+
+
+def _has_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+class Tracker:
+    """Wraps the job's W&B run (or nothing, with logger=none)."""
+
+    def __init__(self, cfg: DictConfig, job_dir: Path, name: str, group: str) -> None:
+        self.run: Any = None
+        settings = cfg.logger
+        if settings.name != "wandb":
+            return
+        import wandb
+
+        mode = settings.mode
+        if mode == "online" and not _has_wandb_credentials():
+            log.warning("WANDB_MODE=online but no W&B credentials (WANDB_API_KEY or `wandb login`): "
+                        "logging offline instead; `wandb sync` uploads it later")
+            mode = "offline"
+        self.run = wandb.init(
+            project=settings.project, entity=settings.entity, group=settings.group or group, name=name,
+            tags=list(settings.tags), config=OmegaConf.to_container(cfg, resolve=True), dir=str(job_dir),
+            mode=mode, reinit="create_new", settings=wandb.Settings(console="off", silent=True),
+        )
+        self.n_table_rows = settings.n_table_rows
+
+    def lightning_loggers(self, prefix: str) -> list[Logger]:
+        """Loggers that send a Lightning loop's metrics into this job's run, under ``prefix``."""
+        if self.run is None:
+            return []
+        from pytorch_lightning.loggers import WandbLogger
+
+        return [WandbLogger(experiment=self.run, prefix=prefix)]
+
+    def log(self, metrics: dict[str, float]) -> None:
+        if self.run is not None:
+            self.run.log(metrics)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.summary.update(values)
+
+    def table(self, name: str, rows: list[dict]) -> None:
+        """A W&B table of the first rows (sample teacher outputs, student answers)."""
+        if self.run is None or not rows:
+            return
+        import wandb
+
+        rows = rows[: self.n_table_rows]
+        columns = list(rows[0])
+        self.run.log({name: wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])})
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=exit_code)
+            self.run = None

@@ -1,0 +1,78 @@
+"""The Hydra entry point: ``python -m sublim.train [-m] [overrides]``.
+
+Composes the config, runs the pipeline through the artifact store, prints the results table and
+always closes the W&B run. Input errors print one message with the fix (no stack trace) and exit 2;
+finished stages stay in the store, so the same command resumes after the fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from sublim import SublimError
+
+log = logging.getLogger("sublim")
+
+
+def _quiet_libraries() -> None:
+    """Keep the console to progress bars and sublim's own lines."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    for name in ("pytorch_lightning.utilities.rank_zero", "pytorch_lightning.accelerators.cuda",
+                 "lightning_fabric.utilities.seed", "transformers.modeling_utils"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*litlogger.*")
+
+
+def job_identity() -> tuple[Path, str, str]:
+    """Job dir, W&B run name (the job's overrides) and group (the sweep, or "runs")."""
+    hydra_cfg = HydraConfig.get()
+    name = hydra_cfg.job.override_dirname or "default"
+    multirun = hydra_cfg.mode.name == "MULTIRUN"
+    group = Path(hydra_cfg.sweep.dir).name if multirun else "runs"
+    return Path(hydra_cfg.runtime.output_dir), name, group
+
+
+def run_job(cfg: DictConfig, job_dir: Path, name: str = "default", group: str = "runs") -> dict:
+    """Run one job; W&B is closed whatever happens."""
+    from sublim import pipeline
+    from sublim.tracking import Tracker
+
+    _quiet_libraries()
+    tracker = Tracker(cfg, job_dir, name, group)
+    try:
+        results = pipeline.run(cfg, job_dir, tracker)
+    except BaseException:
+        tracker.finish(exit_code=1)
+        raise
+    tracker.finish()
+    print("\n" + pipeline.format_table(results) + f"\n\nresults: {job_dir / 'results.json'}", flush=True)
+    return results
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    job_dir, name, group = job_identity()
+    try:
+        run_job(cfg, job_dir, name, group)
+    except SublimError as err:
+        log.error("%s", err)
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()
