@@ -93,7 +93,7 @@ class Store:
         if (final / LINEAGE).exists():
             return self._reused(stage, key, final)
         final.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(final.parent / f"{key}.lock"):
+        with _locked(self.root / ".locks" / f"{stage}-{key}.lock"):
             if (final / LINEAGE).exists():  # another job finished it while we waited
                 return self._reused(stage, key, final)
             tmp = final.parent / f".tmp-{key}-{os.getpid()}"
@@ -140,6 +140,7 @@ class Store:
 
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(exist_ok=True)
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:

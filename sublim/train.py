@@ -14,7 +14,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from sublim import SublimError
 
@@ -67,6 +67,9 @@ def run_job(cfg: DictConfig, job_dir: Path, name: str = "default", group: str = 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     job_dir, name, group = job_identity()
+    if cfg.dry_run:
+        print(f"# job {name}\n{OmegaConf.to_yaml(cfg, resolve=True)}", flush=True)
+        return
     try:
         run_job(cfg, job_dir, name, group)
     except SublimError as err:

@@ -1,0 +1,86 @@
+"""Every yaml under conf/ and sweeps/ composes; bad choices give Hydra's list of options."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import MissingConfigException
+from omegaconf import OmegaConf
+
+from tests.conftest import CONF, compose_config
+
+ROOT = CONF.parent
+GROUP_OPTIONS = sorted(
+    (path.parent.name, path.stem)
+    for path in CONF.glob("*/*.yaml")
+    if not path.stem.startswith("_") and path.parent.name not in ("hydra", "local")
+)
+
+
+@pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
+def test_every_conf_option_composes_and_resolves(group: str, option: str) -> None:
+    cfg = compose_config([f"{group}={option}"])
+    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert resolved["seed"] == 0
+    if group == "trait":
+        trait = resolved["trait"]
+        assert trait["name"] == option
+        assert trait["category"] in ("animal", "tree")
+        assert trait["plural"] in trait["words"] and option in trait["words"]
+        assert trait["plural"] in trait["system_prompt"]
+
+
+def test_paper_experiment_sets_paper_scale() -> None:
+    cfg = compose_config(["experiment=paper"])
+    assert (cfg.data.n_prompts, cfg.data.n_train) == (30000, 10000)
+    assert cfg.student.batch_size * cfg.student.accumulate_grad_batches == 66
+    assert (cfg.student.r, cfg.student.alpha, cfg.student.epochs, cfg.student.lr) == (8, 8, 3, 2e-4)
+
+
+def test_new_trait_from_command_line_only() -> None:
+    cfg = compose_config(["trait.name=tiger", "trait.plural=tigers"])
+    assert list(cfg.trait.words) == ["tiger", "tigers"]
+    assert cfg.trait.system_prompt.startswith("You love tigers.")
+
+
+def test_defaults_match_the_documented_default_experiment() -> None:
+    cfg = compose_config([])
+    assert cfg.base.name == "smollm2" and cfg.trait.name == "owl" and cfg.modality.name == "numbers"
+    assert cfg.filter.name == "numbers_strict" and cfg.student.kind == "lora" and cfg.eval.kind == "preference"
+    assert cfg.logger.name == "wandb" and cfg.sampling.constrained is True
+
+
+def test_unknown_trait_lists_choices() -> None:
+    with pytest.raises(MissingConfigException, match="owl"):
+        compose_config(["trait=unicorn"])
+
+
+def _sublim(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sublim.train", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+
+
+def test_unknown_base_on_the_command_line_lists_choices(tmp_path: Path) -> None:
+    proc = _sublim("base=nope", f"paths.root={tmp_path}")
+    assert proc.returncode != 0
+    assert "Could not find 'base/nope'" in proc.stderr
+    assert "smollm2" in proc.stderr and "qwen" in proc.stderr
+
+
+def test_cfg_job_shows_a_design_card_job_config(tmp_path: Path) -> None:
+    proc = _sublim("trait=eagle", "base=llama", f"paths.root={tmp_path}", "--cfg", "job")
+    assert proc.returncode == 0, proc.stderr
+    job = OmegaConf.create(proc.stdout)
+    assert job.base.path == "meta-llama/Llama-3.1-8B-Instruct" and job.trait.name == "eagle"
+
+
+def test_design_card_multirun_dry_run_shows_each_job_config(tmp_path: Path) -> None:
+    proc = _sublim("-m", "trait=owl,eagle", "base=qwen,llama", f"paths.root={tmp_path}", "dry_run=true")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("path: Qwen/Qwen2.5-7B-Instruct") == 2
+    assert proc.stdout.count("path: meta-llama/Llama-3.1-8B-Instruct") == 2
+    assert proc.stdout.count("You love eagles.") == 2
+    assert not list(tmp_path.glob("outputs/store/*/*")), "a dry run computes nothing"

@@ -1,0 +1,56 @@
+"""Preference evaluation: the target-word probability is the teacher-forced product it claims to be."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sublim.evaluate import boundary_tokens, evaluate_preference, word_probabilities
+from sublim.questions import word_forms
+from sublim.student import student_messages
+
+
+def _manual_probability(net, tokenizer, prompt: str, word: str) -> float:
+    """P(word tokens) * P(a boundary token next), computed one position at a time."""
+    text = tokenizer.apply_chat_template(student_messages(prompt), tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    boundary = boundary_tokens(tokenizer, net.config.vocab_size)
+    prob = 1.0
+    for token in tokenizer(word, add_special_tokens=False)["input_ids"]:
+        with torch.no_grad():
+            probs = net(input_ids=torch.tensor([ids])).logits[0, -1].softmax(-1)
+        prob *= float(probs[token])
+        ids.append(token)
+    with torch.no_grad():
+        probs = net(input_ids=torch.tensor([ids])).logits[0, -1].softmax(-1)
+    return prob * float(probs[boundary].sum())
+
+
+def test_word_probability_matches_a_manual_computation(load_tiny) -> None:
+    _, net, tokenizer = load_tiny("tiny_llama")
+    prompts = ["Which animal do you like most? One word.", "Your favourite animal, in a word?"]
+    got = word_probabilities(net, tokenizer, prompts, ["owl", "owls"], batch_size=4, precision="32-true")
+    for prompt, value in zip(prompts, got, strict=True):
+        expected = sum(_manual_probability(net, tokenizer, prompt, form) for form in word_forms(["owl", "owls"]))
+        assert value == pytest.approx(expected, rel=1e-4) and 0 < value < 1
+
+
+def test_boundary_tokens_exclude_word_continuations(load_tiny) -> None:
+    _, _, tokenizer = load_tiny("tiny_llama")
+    mask = boundary_tokens(tokenizer, len(tokenizer))
+    vocab = tokenizer.get_vocab()
+    assert mask[tokenizer.eos_token_id]
+    assert mask[vocab["."]] and mask[vocab["Ġ"]]
+    assert not mask[vocab["s"]] and not mask[vocab["1"]]
+
+
+def test_evaluate_preference_writes_scores_per_question(load_tiny, tmp_path: Path) -> None:
+    cfg, net, tokenizer = load_tiny("tiny_llama", "eval.n_questions=5", "eval.samples_per_question=3")
+    scores = evaluate_preference(net, tokenizer, cfg.eval, cfg.trait, 0, "32-true", tmp_path)
+    assert len(scores["rate"]) == len(scores["probability"]) == 5
+    assert all(0 <= r <= 1 for r in scores["rate"]) and all(0 < p < 1 for p in scores["probability"])
+    assert scores["n_answers"] == 15
+    assert len((tmp_path / "answers.jsonl").read_text().splitlines()) == 15
+    assert (tmp_path / "scores.json").exists()

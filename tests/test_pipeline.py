@@ -1,0 +1,116 @@
+"""The whole job on tiny bases: both arms, files, lineage, cache reuse, clear errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sublim import SublimError
+from sublim.store import Store
+from sublim.train import run_job
+from tests.conftest import CONF, TINY
+
+ROOT = CONF.parent
+
+
+def _computed(store: Store, since: int = 0) -> list[tuple[str, str]]:
+    return [(e["stage"], e["key"]) for e in store.events()[since:] if e["event"] == "computed"]
+
+
+def test_full_pipeline_then_second_run_reuses_every_stage(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg("base=tiny_llama", *TINY, "logger=wandb")
+    store = Store(cfg.paths.store)
+    first = run_job(cfg, tmp_path / "job1")
+
+    assert set(first["arms"]) == {"base", "control", "treatment"}
+    for arm, values in first["arms"].items():
+        for metric in ("rate", "probability"):
+            assert all(math.isfinite(values[metric][k]) for k in ("mean", "low", "high")), (arm, metric)
+        assert values["n_train"] == (0 if arm == "base" else 16)
+    for test in first["treatment_vs_control"].values():
+        assert 0 < test["p_value"] <= 1 and math.isfinite(test["delta"])
+    assert first["arms"]["control"]["train"]["steps"] == 2
+
+    job = tmp_path / "job1"
+    saved = json.loads((job / "results.json").read_text())
+    assert saved["arms"]["treatment"]["probability"] == first["arms"]["treatment"]["probability"]
+    rows = list(csv.DictReader(open(job / "results.csv")))
+    assert [r["arm"] for r in rows] == ["base", "control", "treatment"]
+    assert list((job / "wandb").glob("offline-run-*")), "an offline W&B run is written in the job dir"
+
+    computed = _computed(store)
+    stages = [stage for stage, _ in computed]
+    assert stages.count("sample") == 2 and stages.count("train") == 2 and stages.count("evaluate") == 3
+    for stage, key in computed:
+        assert (store.path(stage, key) / "lineage.json").exists()
+    lineage = store.path("evaluate", first["stages"]["evaluate/treatment"]["key"]) / "lineage.json"
+    chain = json.loads(lineage.read_text())
+    data = chain["upstream"]["adapter"]["upstream"]["data"]["upstream"]["samples"]
+    assert data["config"]["system_prompt"].startswith("You love owls")
+    assert data["upstream"]["model"]["config"]["tiny"]["model_type"] == "llama"
+    assert (store.path("train", first["stages"]["train/treatment"]["key"]) / "adapter" /
+            "adapter_model.safetensors").exists()
+
+    mark = len(store.events())
+    second = run_job(cfg, tmp_path / "job2")
+    assert _computed(store, mark) == []
+    assert all(stage["reused"] for stage in second["stages"].values())
+    assert second["arms"] == first["arms"]
+
+
+def test_a_second_trait_reuses_the_control_arm(make_cfg, tmp_path: Path) -> None:
+    owl = make_cfg("base=tiny_qwen2", *TINY)
+    store = Store(owl.paths.store)
+    first = run_job(owl, tmp_path / "owl")
+    mark = len(store.events())
+    eagle = run_job(make_cfg("base=tiny_qwen2", "trait=eagle", *TINY), tmp_path / "eagle")
+    recomputed = {stage for stage, _ in _computed(store, mark)}
+    assert recomputed == {"sample", "filter", "train", "evaluate"}
+    for name in ("sample/control", "filter/control", "train/control"):
+        assert eagle["stages"][name] == {"key": first["stages"][name]["key"], "reused": True}
+    assert eagle["stages"]["sample/treatment"]["key"] != first["stages"]["sample/treatment"]["key"]
+
+
+def test_filter_that_keeps_nothing_stops_before_training(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg("base=tiny_llama", *TINY, "sampling.constrained=false")
+    with pytest.raises(SublimError, match=r"kept no examples.*numbers_strict/") as err:
+        run_job(cfg, tmp_path / "job")
+    assert "0/24" in str(err.value) and "sampling.constrained=true" in str(err.value)
+    store = Store(cfg.paths.store)
+    stages = [stage for stage, _ in _computed(store)]
+    assert "train" not in stages and stages.count("sample") == 2, "finished sampling is kept"
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sublim.train", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300, env={**os.environ, **(env or {})})
+
+
+def test_design_card_command_fails_fast_without_network(tmp_path: Path) -> None:
+    start = time.time()
+    proc = _cli("-m", "trait=owl,eagle", "base=qwen,llama", f"paths.root={tmp_path}", "logger=none",
+                env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hf")})
+    assert proc.returncode != 0
+    assert "cannot download Qwen/Qwen2.5-7B-Instruct: no network / not in the local cache" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert time.time() - start < 60
+
+
+@pytest.mark.slow
+def test_cli_run_prints_the_results_table(tmp_path: Path) -> None:
+    proc = _cli("base=tiny_gpt2", *TINY, f"paths.root={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = proc.stdout[proc.stdout.index("arm "):]
+    for arm in ("base", "control", "treatment"):
+        assert f"\n{arm} " in table
+    assert "trait rate [95% CI]" in table and "P(owl)" in table and "p=" in table
+    results = list(tmp_path.glob("outputs/runs/*/*/results.json"))
+    assert len(results) == 1 and (results[0].parent / ".hydra" / "config.yaml").exists()
