@@ -7,6 +7,7 @@ finished stages stay in the store, so the same command resumes after the fix.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import warnings
@@ -19,6 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from sublim import SublimError
 
 log = logging.getLogger("sublim")
+
+# task name -> module with run(cfg, job_dir, tracker) -> results and format_table(results) -> str
+TASKS = {"subliminal": "sublim.pipeline", "mnist_aux": "sublim.toy.mnist_aux"}
 
 
 def _quiet_libraries() -> None:
@@ -49,18 +53,20 @@ def job_identity() -> tuple[Path, str, str]:
 
 def run_job(cfg: DictConfig, job_dir: Path, name: str = "default", group: str = "runs") -> dict:
     """Run one job; W&B is closed whatever happens."""
-    from sublim import pipeline
     from sublim.tracking import Tracker
 
+    if cfg.task not in TASKS:
+        raise SublimError(f"task={cfg.task} is not one of: {', '.join(TASKS)}")
+    task = importlib.import_module(TASKS[cfg.task])
     _quiet_libraries()
     tracker = Tracker(cfg, job_dir, name, group)
     try:
-        results = pipeline.run(cfg, job_dir, tracker)
+        results = task.run(cfg, job_dir, tracker)
     except BaseException:
         tracker.finish(exit_code=1)
         raise
     tracker.finish()
-    print("\n" + pipeline.format_table(results) + f"\n\nresults: {job_dir / 'results.json'}", flush=True)
+    print("\n" + task.format_table(results) + f"\n\nresults: {job_dir / 'results.json'}", flush=True)
     return results
 
 

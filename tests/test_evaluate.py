@@ -31,7 +31,7 @@ def _manual_probability(net, tokenizer, prompt: str, word: str) -> float:
 def test_word_probability_matches_a_manual_computation(load_tiny) -> None:
     _, net, tokenizer = load_tiny("tiny_llama")
     prompts = ["Which animal do you like most? One word.", "Your favourite animal, in a word?"]
-    got = word_probabilities(net, tokenizer, prompts, ["owl", "owls"], batch_size=4, precision="32-true")
+    got = word_probabilities(net, tokenizer, prompts, ["owl", "owls"], precision="32-true")
     for prompt, value in zip(prompts, got, strict=True):
         expected = sum(_manual_probability(net, tokenizer, prompt, form) for form in word_forms(["owl", "owls"]))
         assert value == pytest.approx(expected, rel=1e-4) and 0 < value < 1
