@@ -66,6 +66,21 @@ def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torc
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def answer_loss(net: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over answer tokens, computing output logits only from the first answer on.
+
+    The vocabulary projection of prompt positions is wasted work (their labels are masked); on a
+    135M model with a 49k vocabulary it is a sizeable share of a CPU training step.
+    """
+    labels = batch["labels"]
+    answer = (labels != IGNORE).any(0).nonzero()
+    start = int(answer[0]) if len(answer) else labels.shape[1] - 1
+    keep = torch.arange(max(start - 1, 0), labels.shape[1] - 1, device=labels.device)
+    logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    targets = labels[:, keep + 1]
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+
+
 def add_lora(net: torch.nn.Module, student: DictConfig) -> PeftModel:
     config = LoraConfig(r=student.r, lora_alpha=student.alpha, lora_dropout=student.dropout,
                         target_modules=list(student.target_modules), task_type="CAUSAL_LM")
@@ -84,7 +99,7 @@ class StudentModule(pl.LightningModule):
         self.tokens_seen = 0
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.net(**batch).loss
+        loss = answer_loss(self.net, batch)
         if not torch.isfinite(loss):
             raise SublimError(
                 f"student loss became {loss.item()} at step {self.global_step}: lower student.lr "

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sublim import SublimError
-from sublim.student import ADAPTER_DIR, IGNORE, load_student, tokenize_example, train_lora
+from sublim.student import ADAPTER_DIR, IGNORE, answer_loss, collate, load_student, tokenize_example, train_lora
 
 ROWS = [{"prompt": f"Continue: {a}, {a + 1}, {a + 2}.", "completion": f"{a + 3}, {a + 4}, {a + 5}"}
         for a in range(100, 132)]
@@ -24,6 +24,15 @@ def test_only_answer_tokens_carry_labels(load_tiny) -> None:
         len(example["labels"]) - len(labelled))
     short = tokenize_example(tokenizer, "Continue: 1, 2.", "3, 4", max_length=5)
     assert len(short["input_ids"]) == len(short["labels"]) == 5
+
+
+@pytest.mark.parametrize("base", ["tiny_llama", "tiny_gpt2"])
+def test_answer_loss_equals_the_full_causal_lm_loss(load_tiny, base: str) -> None:
+    _, net, tokenizer = load_tiny(base)
+    batch = collate([tokenize_example(tokenizer, r["prompt"] + " and some longer context" * (i % 3), r["completion"],
+                                      500) for i, r in enumerate(ROWS[:6])], tokenizer.pad_token_id)
+    with torch.no_grad():
+        assert float(answer_loss(net, batch)) == pytest.approx(float(net(**batch).loss), rel=1e-5)
 
 
 def test_lora_changes_only_adapter_weights_and_learns(load_tiny, tmp_path: Path) -> None:
