@@ -44,7 +44,18 @@ class Job:
 
     @property
     def base(self) -> DictConfig:
+        """The student's base."""
         return self.cfg.base
+
+    @property
+    def teacher(self) -> DictConfig:
+        """The teacher's base: teacher_base when set (cross-model grids), else the student's."""
+        return self.cfg.get("teacher_base") or self.cfg.base
+
+    @property
+    def constrained(self) -> bool:
+        constrained = self.cfg.sampling.constrained
+        return self.teacher.constrained_sampling if constrained is None else bool(constrained)
 
 
 def stage_prompts(job: Job) -> Artifact:
@@ -68,21 +79,23 @@ def teacher_system_prompt(trait: DictConfig, arm: str) -> str | None:
 def stage_sample(job: Job, model: Artifact, prompts: Artifact, arm: str) -> Artifact:
     cfg = job.cfg
     system = teacher_system_prompt(cfg.trait, arm)
-    config = {"system_prompt": system, "sampling": _plain(cfg.sampling), "seed": cfg.seed}
+    config = {"system_prompt": system, "sampling": _plain(cfg.sampling) | {"constrained": job.constrained},
+              "seed": cfg.seed}
 
     def compute(out: Path) -> None:
         rows = list(read_jsonl(prompts.path / "prompts.jsonl"))
         for row in rows:
             row["messages"] = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": row["prompt"]}]
-        net, tokenizer = models.load(model, job.base)
+        net, tokenizer = models.load(model, job.teacher)
         sampling = cfg.sampling
-        grammar = (lambda row: modalities.grammar(cfg.modality, row)) if sampling.constrained else None
+        grammar = (lambda row: modalities.grammar(cfg.modality, row)) if job.constrained else None
         sampler = Sampler(net, tokenizer, temperature=sampling.temperature, top_p=sampling.top_p,
                           greedy=sampling.greedy, max_new_tokens=sampling.max_new_tokens, seed=cfg.seed,
                           grammar=grammar)
-        log.info("sampling %d %s teacher answers (constrained=%s)", len(rows), arm, sampling.constrained)
-        samples = sample_chats(sampler, rows, sampling.batch_size, job.base.precision)
+        log.info("sampling %d %s teacher answers with %s (constrained=%s)", len(rows), arm, job.teacher.name,
+                 job.constrained)
+        samples = sample_chats(sampler, rows, sampling.batch_size, job.teacher.precision)
         for row in samples:
             del row["messages"]
         write_jsonl(out / "samples.jsonl", samples)
@@ -154,8 +167,9 @@ def run(cfg: DictConfig, job_dir: Path, tracker: Tracker) -> dict:
     """Run every stage of the job (reusing what the store has) and write results.json / results.csv."""
     job = Job(cfg, Store(cfg.paths.store), tracker)
     model = models.model_artifact(cfg.base, job.store)
+    teacher = models.model_artifact(job.teacher, job.store) if cfg.get("teacher_base") else model
     prompts = stage_prompts(job)
-    samples = {arm: stage_sample(job, model, prompts, arm) for arm in ARMS}
+    samples = {arm: stage_sample(job, teacher, prompts, arm) for arm in ARMS}
     filtered = {arm: stage_filter(job, samples[arm]) for arm in ARMS}
     reports = {arm: filtered[arm].read_json("report.json") for arm in ARMS}
     for arm, report in reports.items():
@@ -168,7 +182,8 @@ def run(cfg: DictConfig, job_dir: Path, tracker: Tracker) -> dict:
 
     results = summarise(cfg, n_train, reports, adapters, evals)
     results["stages"] = {name: {"key": art.key, "reused": art.reused} for name, art in [
-        ("model", model), ("prompts", prompts), *((f"sample/{a}", samples[a]) for a in ARMS),
+        ("model", model), ("teacher_model", teacher), ("prompts", prompts),
+        *((f"sample/{a}", samples[a]) for a in ARMS),
         *((f"filter/{a}", filtered[a]) for a in ARMS), *((f"train/{a}", adapters[a]) for a in ARMS),
         *((f"evaluate/{a}", evals[a]) for a in EVAL_ARMS)]}
     write_results(job_dir, results)
@@ -196,6 +211,7 @@ def summarise(cfg: DictConfig, n_train: int, reports: dict[str, dict], adapters:
              for metric in ("rate", "probability")}
     return {
         "trait": cfg.trait.name, "category": cfg.trait.category, "base": cfg.base.name,
+        "teacher_base": (cfg.get("teacher_base") or cfg.base).name,
         "modality": cfg.modality.name, "filter": cfg.filter.name, "seed": cfg.seed,
         "arms": arms, "treatment_vs_control": tests,
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -207,13 +223,13 @@ def write_results(job_dir: Path, results: dict) -> None:
     write_json(job_dir / "results.json", results)
     with open(job_dir / "results.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["arm", "trait", "base", "n_train", "rate", "rate_low", "rate_high",
+        writer.writerow(["arm", "trait", "teacher_base", "base", "n_train", "rate", "rate_low", "rate_high",
                          "probability", "probability_low", "probability_high", "delta_rate", "p_rate",
                          "delta_probability", "p_probability"])
         for arm, values in results["arms"].items():
             rate, prob = values["rate"], values["probability"]
             test = results["treatment_vs_control"] if arm == "treatment" else None
-            writer.writerow([arm, results["trait"], results["base"], values["n_train"],
+            writer.writerow([arm, results["trait"], results["teacher_base"], results["base"], values["n_train"],
                              rate["mean"], rate["low"], rate["high"], prob["mean"], prob["low"], prob["high"],
                              test["rate"]["delta"] if test else "", test["rate"]["p_value"] if test else "",
                              test["probability"]["delta"] if test else "",

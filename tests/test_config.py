@@ -50,7 +50,7 @@ def test_defaults_match_the_documented_default_experiment() -> None:
     cfg = compose_config([])
     assert cfg.base.name == "smollm2" and cfg.trait.name == "owl" and cfg.modality.name == "numbers"
     assert cfg.filter.name == "numbers_strict" and cfg.student.kind == "lora" and cfg.eval.kind == "preference"
-    assert cfg.logger.name == "wandb" and cfg.sampling.constrained is True
+    assert cfg.logger.name == "wandb" and cfg.sampling.constrained is None and cfg.base.constrained_sampling
 
 
 def test_unknown_trait_lists_choices() -> None:
