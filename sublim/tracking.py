@@ -24,6 +24,15 @@ def _has_wandb_credentials() -> bool:
         return False
 
 
+def resolve_mode(mode: str) -> str:
+    """W&B mode, falling back to offline rather than prompting for a login."""
+    if mode == "online" and not _has_wandb_credentials():
+        log.warning("WANDB_MODE=online but no W&B credentials (WANDB_API_KEY or `wandb login`): "
+                    "logging offline instead; `wandb sync` uploads it later")
+        return "offline"
+    return mode
+
+
 class Tracker:
     """Wraps the job's W&B run (or nothing, with logger=none)."""
 
@@ -34,15 +43,10 @@ class Tracker:
             return
         import wandb
 
-        mode = settings.mode
-        if mode == "online" and not _has_wandb_credentials():
-            log.warning("WANDB_MODE=online but no W&B credentials (WANDB_API_KEY or `wandb login`): "
-                        "logging offline instead; `wandb sync` uploads it later")
-            mode = "offline"
         self.run = wandb.init(
             project=settings.project, entity=settings.entity, group=settings.group or group, name=name,
             tags=list(settings.tags), config=OmegaConf.to_container(cfg, resolve=True), dir=str(job_dir),
-            mode=mode, reinit="create_new", settings=wandb.Settings(console="off", silent=True),
+            mode=resolve_mode(settings.mode), reinit="create_new", settings=wandb.Settings(console="off", silent=True),
         )
         self.n_table_rows = settings.n_table_rows
 

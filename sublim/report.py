@@ -1,0 +1,165 @@
+"""Sweep report: ``python -m sublim.report <sweep dir>`` (also run by a Hydra callback after -m).
+
+Reads every job's results.json under the sweep dir and writes report.md (one row per job),
+report.csv and report.png (grouped bars with 95% CIs, like the paper's figures); with W&B on, it logs
+one summary run with the table and chart in the sweep's group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from sublim.stats import format_p
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["job", "teacher_base", "base", "trait", "modality", "filter", "n", "control_rate", "treatment_rate",
+           "delta_rate", "delta_rate_low", "delta_rate_high", "p_rate", "control_p", "treatment_p", "delta_p",
+           "delta_p_low", "delta_p_high", "p_p"]
+
+
+def collect(sweep_dir: Path) -> list[dict]:
+    """One row per job of the sweep (jobs of other tasks, without a treatment/control test, are skipped)."""
+    rows = []
+    for path in sorted(sweep_dir.glob("**/results.json"), key=_job_order):
+        results = json.loads(path.read_text())
+        if "treatment_vs_control" not in results:
+            continue
+        arms, tests = results["arms"], results["treatment_vs_control"]
+        rate, prob = tests["rate"], tests["probability"]
+        rows.append({
+            "job": str(path.parent.relative_to(sweep_dir)), "teacher_base": results["teacher_base"],
+            "base": results["base"], "trait": results["trait"], "modality": results["modality"],
+            "filter": results["filter"], "n": arms["treatment"]["n_train"],
+            "control_rate": arms["control"]["rate"]["mean"], "treatment_rate": arms["treatment"]["rate"]["mean"],
+            "delta_rate": rate["delta"], "delta_rate_low": rate["ci"]["low"], "delta_rate_high": rate["ci"]["high"],
+            "p_rate": rate["p_value"],
+            "control_p": arms["control"]["probability"]["mean"],
+            "treatment_p": arms["treatment"]["probability"]["mean"],
+            "delta_p": prob["delta"], "delta_p_low": prob["ci"]["low"], "delta_p_high": prob["ci"]["high"],
+            "p_p": prob["p_value"],
+            "_arms": arms, "_logger": results.get("config", {}).get("logger", {}),
+        })
+    return rows
+
+
+def _job_order(path: Path) -> tuple:
+    """Hydra job dirs start with the job number: sort 2_ before 10_."""
+    head = path.parent.name.split("_", 1)[0]
+    return (int(head) if head.isdigit() else sys.maxsize, str(path))
+
+
+def markdown(rows: list[dict]) -> str:
+    header = ("| teacher base | student base | trait | modality | filter | n | control rate | treatment rate | "
+              "Δ rate [95% CI] | p | control P | treatment P | Δ P [95% CI] | p |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in rows:
+        lines.append(
+            f"| {r['teacher_base']} | {r['base']} | {r['trait']} | {r['modality']} | {r['filter']} | {r['n']} | "
+            f"{r['control_rate']:.3f} | {r['treatment_rate']:.3f} | "
+            f"{r['delta_rate']:+.3f} [{r['delta_rate_low']:+.3f}, {r['delta_rate_high']:+.3f}] | "
+            f"{format_p(r['p_rate'])} | {r['control_p']:.3g} | {r['treatment_p']:.3g} | "
+            f"{r['delta_p']:+.3g} [{r['delta_p_low']:+.3g}, {r['delta_p_high']:+.3g}] | {format_p(r['p_p'])} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Grouped bars per job (base / control / treatment) for both metrics, 95% CI error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    arms = ("base", "control", "treatment")
+    colors = {"base": "#9e9e9e", "control": "#4c72b0", "treatment": "#dd8452"}
+    labels = [f"{r['teacher_base']}→{r['base']}\n{r['trait']}" + (f"\n{r['filter']}" if len(
+        {x['filter'] for x in rows}) > 1 else "") for r in rows]
+    x = np.arange(len(rows))
+    width = 0.27
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(rows) + 3), 4.8))
+    for ax, metric, title in ((axes[0], "probability", "P(target word as the answer)"),
+                              (axes[1], "rate", "sampled trait rate")):
+        for i, arm in enumerate(arms):
+            values = [r["_arms"][arm][metric] for r in rows]
+            means = np.array([v["mean"] for v in values])
+            errors = np.array([[v["mean"] - v["low"] for v in values], [v["high"] - v["mean"] for v in values]])
+            ax.bar(x + (i - 1) * width, means, width, yerr=np.clip(errors, 0, None), capsize=3, label=arm,
+                   color=colors[arm])
+        ax.set_xticks(x, labels, fontsize=8)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("mean over questions (95% CI)")
+    axes[0].legend(frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(sweep_dir: Path) -> Path | None:
+    """Write report.md / report.csv / report.png into the sweep dir; None when it holds no finished job."""
+    rows = collect(sweep_dir)
+    if not rows:
+        log.warning("no finished jobs with results.json under %s", sweep_dir)
+        return None
+    table = markdown(rows)
+    (sweep_dir / "report.md").write_text(f"# Sweep report: {sweep_dir.name}\n\n{table}\n\n![report](report.png)\n")
+    with open(sweep_dir / "report.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, sweep_dir / "report.png")
+    _log_wandb(sweep_dir, rows)
+    print(f"\n{table}\n\nreport: {sweep_dir / 'report.md'}", flush=True)
+    return sweep_dir / "report.md"
+
+
+def _log_wandb(sweep_dir: Path, rows: list[dict]) -> None:
+    settings: dict[str, Any] = rows[0]["_logger"]
+    if settings.get("name") != "wandb":
+        return
+    import wandb
+
+    from sublim.tracking import resolve_mode
+
+    run = wandb.init(project=settings["project"], entity=settings.get("entity"),
+                     group=settings.get("group") or sweep_dir.name, name="report", job_type="report",
+                     dir=str(sweep_dir), mode=resolve_mode(settings["mode"]), reinit="create_new",
+                     settings=wandb.Settings(console="off", silent=True))
+    try:
+        table = wandb.Table(columns=COLUMNS, data=[[r[c] for c in COLUMNS] for r in rows])
+        run.log({"report/table": table, "report/chart": wandb.Image(str(sweep_dir / "report.png"))})
+    finally:
+        run.finish()
+
+
+class ReportCallback(Callback):
+    """Writes the sweep report when a multirun ends (Hydra callback)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.get("dry_run"):
+            return
+        write_report(Path(config.hydra.sweep.dir))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m sublim.report", description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", type=Path, help="a multirun dir (outputs/multiruns/<date>/<time>)")
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        parser.error(f"{args.sweep_dir} is not a directory")
+    if write_report(args.sweep_dir) is None:
+        raise SystemExit(f"error: no finished jobs (results.json) under {args.sweep_dir}")
+
+
+if __name__ == "__main__":
+    main()
