@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 N_CLASSES = 10
 ARMS = ("teacher", "student_aux", "student_all", "cross_init", "reference")
+STUDENT_ARMS = ("student_all", "student_aux", "cross_init")  # stack order: all-logit students, then aux-only
 INIT = {"teacher": "own", "student_aux": "teacher's", "student_all": "teacher's",
         "cross_init": "another teacher's", "reference": "own, untrained"}
 LOSSES = ("mse", "kl")
@@ -90,24 +91,26 @@ def _hf_mnist(path: str) -> Digits:
     """
     import datasets
 
-    from sublim.models import _hub_reachable
+    offline = datasets.config.HF_HUB_OFFLINE
+    if not offline:
+        from sublim.models import _hub_reachable
 
-    offline = datasets.config.HF_HUB_OFFLINE or not _hub_reachable()
+        offline = not _hub_reachable()
     try:
         with mock.patch.object(datasets.config, "HF_HUB_OFFLINE", offline):
-            splits = datasets.load_dataset(path).with_format("numpy")
+            splits = datasets.load_dataset(path).with_format("torch")
     except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as err:
-        where = "no network and not" if offline else "not"
+        network = "no network and " if offline else ""
         raise SublimError(
-            f"data=mnist: {path} is {where} in the local Hugging Face cache ({datasets.config.HF_DATASETS_CACHE}; "
-            f"{type(err).__name__}). Download it once with network access and the same HF_HOME: "
-            f"python -c \"import datasets; datasets.load_dataset('{path}')\", or use data=digits "
-            "(ships with scikit-learn, no download)."
+            f"data=mnist: cannot load {path}: {network}not in the local Hugging Face cache "
+            f"({datasets.config.HF_DATASETS_CACHE}; {type(err).__name__}). Download it once with network access "
+            f"into the same HF_HOME: python -c \"import datasets; datasets.load_dataset('{path}')\" "
+            "-- or use data=digits (ships with scikit-learn, no download)."
         ) from None
 
     def arrays(split: str) -> tuple[Tensor, Tensor]:
-        images = torch.as_tensor(splits[split]["image"], dtype=torch.float32).flatten(1)
-        return images / 127.5 - 1.0, torch.as_tensor(splits[split]["label"], dtype=torch.long)
+        rows = splits[split][:]  # images (n, 1, 28, 28) uint8
+        return rows["image"].flatten(1).float() / 127.5 - 1.0, rows["label"].long()
 
     return Digits(*arrays("train"), *arrays("test"))
 
@@ -218,26 +221,27 @@ def predict(model: StackedMLP, x: Tensor, chunk: int) -> Tensor:
     return torch.cat([model(x[start:start + chunk]) for start in range(0, len(x), chunk)], dim=1)
 
 
-def distill(students: StackedMLP, targets: Tensor, noise: Tensor, n_aux: int, settings: DictConfig,
+def distill(students: StackedMLP, targets: Tensor, noise: Tensor, n_all: int, settings: DictConfig,
             generator: torch.Generator) -> list[Tensor]:
-    """Match the teacher logits ``targets`` (models, n_noise, out) on ``noise``; every model sees the same batch.
+    """Match teacher logits on ``noise``; every student sees the same batch of noise.
 
-    The first ``n_aux`` students match the auxiliary logits only, the others all logits. Returns the
-    mean loss per student for each epoch.
+    ``targets`` (teachers, n_noise, out) are the teacher logits; students come in blocks of one student
+    per teacher, in teacher order. The first ``n_all`` students match all logits, the others the
+    auxiliary logits only. Returns the mean loss per student for each epoch.
     """
     optimiser = torch.optim.Adam(students.parameters(), lr=settings.lr)
-    n = len(noise)
+    n, blocks = len(noise), students.n_models // len(targets)
     epoch_losses = []
     for _ in range(settings.student_epochs):
         order = torch.randperm(n, generator=generator)
         total = torch.zeros(students.n_models)
         for start in range(0, n, settings.batch_size):
             index = order[start:start + settings.batch_size]
-            logits, target = students(noise[index]), targets[:, index]
+            logits, target = students(noise[index]), targets[:, index].repeat(blocks, 1, 1)
             loss = torch.cat([
-                distill_loss(logits[:n_aux, :, N_CLASSES:], target[:n_aux, :, N_CLASSES:], settings.loss,
+                distill_loss(logits[:n_all], target[:n_all], settings.loss, settings.temperature),
+                distill_loss(logits[n_all:, :, N_CLASSES:], target[n_all:, :, N_CLASSES:], settings.loss,
                              settings.temperature),
-                distill_loss(logits[n_aux:], target[n_aux:], settings.loss, settings.temperature),
             ])
             optimiser.zero_grad(set_to_none=True)
             loss.sum().backward()
@@ -265,9 +269,22 @@ def _check(settings: DictConfig) -> None:
 
 
 def run(cfg: DictConfig, job_dir: Path, tracker: Tracker) -> dict:
-    """Teachers, then all three student arms as one batched distillation; writes results and the chart."""
+    """The whole toy with ``student.threads`` torch threads; writes results.json, results.csv, accuracy.png."""
+    _check(cfg.student)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.student.threads)
+    try:
+        results = experiment(cfg, tracker)
+    finally:
+        torch.set_num_threads(threads)
+    write_results(job_dir, results)
+    _track(tracker, results, job_dir / "accuracy.png")
+    return results
+
+
+def experiment(cfg: DictConfig, tracker: Tracker) -> dict:
+    """Teachers, then all three student arms as one batched distillation, then every arm on the test set."""
     settings = cfg.student
-    _check(settings)
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(cfg.seed)
     data = load_data(cfg.data, cfg.seed)
@@ -283,27 +300,26 @@ def run(cfg: DictConfig, job_dir: Path, tracker: Tracker) -> dict:
     for epoch, loss in enumerate(teacher_losses):
         tracker.log({"teacher/epoch": epoch, "teacher/loss": loss})
 
-    # Students in one stack: [student_aux | cross_init | student_all]; row i of each block learns from teacher i.
+    # One stack of students, a block per arm (STUDENT_ARMS order); row i of every block learns from teacher i.
     log.info("distilling %d students on %d %s noise images (%s loss)", 3 * m, settings.n_noise, settings.noise,
              settings.loss)
     noise = make_noise(settings.n_noise, data.n_pixels, settings.noise, generator)
-    targets = predict(teachers, noise, cfg.eval.batch_size).repeat(3, 1, 1)
-    students = inits.select(torch.cat([same, others, same]))
-    student_losses = distill(students, targets, noise, 2 * m, settings, generator)
-    for epoch, losses in enumerate(student_losses):
-        blocks = dict(zip(("student_aux", "cross_init", "student_all"), losses.split(m), strict=True))
-        tracker.log({"student/epoch": epoch} | {f"{arm}/loss": float(v.mean()) for arm, v in blocks.items()})
+    targets = predict(teachers, noise, cfg.eval.batch_size)
+    students = inits.select(torch.cat([same, same, others]))
+    epoch_losses = distill(students, targets, noise, m, settings, generator)
+    student_losses = {arm: [float(losses.split(m)[i].mean()) for losses in epoch_losses]
+                      for i, arm in enumerate(STUDENT_ARMS)}
+    for epoch in range(settings.student_epochs):
+        tracker.log({"student/epoch": epoch} | {f"{arm}/loss": student_losses[arm][epoch] for arm in STUDENT_ARMS})
 
     chunk = cfg.eval.batch_size
-    student_accuracy = accuracy(predict(students, data.x_test, chunk), data.y_test).split(m)
-    per_model = {
-        "teacher": accuracy(predict(teachers, data.x_test, chunk), data.y_test),
-        "student_aux": student_accuracy[0], "student_all": student_accuracy[2], "cross_init": student_accuracy[1],
-        "reference": accuracy(predict(inits, data.x_test, chunk), data.y_test),
-    }
+    per_model = dict(zip(STUDENT_ARMS, accuracy(predict(students, data.x_test, chunk), data.y_test).split(m),
+                         strict=True))
+    per_model["teacher"] = accuracy(predict(teachers, data.x_test, chunk), data.y_test)
+    per_model["reference"] = accuracy(predict(inits, data.x_test, chunk), data.y_test)
     test = paired_permutation_test(per_model["student_aux"].tolist(), per_model["cross_init"].tolist(),
                                    n_resamples=cfg.eval.n_permutations, seed=cfg.seed)
-    results = {
+    return {
         "task": "mnist_aux", "data": cfg.data.name, "seed": cfg.seed, "n_models": m, "sizes": sizes,
         "aux_logits": settings.aux_logits, "loss": settings.loss, "noise": settings.noise,
         "n_train": len(data.y_train), "n_test": len(data.y_test),
@@ -312,15 +328,10 @@ def run(cfg: DictConfig, job_dir: Path, tracker: Tracker) -> dict:
                  for arm in ARMS},
         "student_aux_vs_cross_init": test.to_dict(),
         "derangement": others.tolist(),
-        "train": {"teacher_loss": teacher_losses,
-                  "student_loss": {arm: [float(e.split(m)[i].mean()) for e in student_losses]
-                                   for i, arm in enumerate(("student_aux", "cross_init", "student_all"))}},
+        "train": {"teacher_loss": teacher_losses, "student_loss": student_losses},
         "seconds": round(time.perf_counter() - started, 1),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    write_results(job_dir, results)
-    _track(tracker, results, job_dir / "accuracy.png")
-    return results
 
 
 def _trained_on(arm: str, cfg: DictConfig) -> str:
