@@ -21,6 +21,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from unittest import mock
 
 import torch
@@ -31,7 +32,9 @@ from torch import Tensor, nn
 from sublim import SublimError
 from sublim.stats import format_p, mean_ci, paired_permutation_test
 from sublim.store import write_json
-from sublim.tracking import Tracker
+
+if TYPE_CHECKING:
+    from sublim.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +269,9 @@ def _check(settings: DictConfig) -> None:
         raise SublimError(f"student.noise={settings.noise} is not one of: {', '.join(NOISES)}")
     if settings.aux_logits < 1:
         raise SublimError(f"student.aux_logits={settings.aux_logits}: the toy needs at least 1 auxiliary logit")
+    if settings.loss == "kl" and settings.aux_logits == 1:
+        log.warning("student.loss=kl with student.aux_logits=1: the softmax of one logit is constant, so the "
+                    "aux-only students get no signal; use student.loss=mse or more aux logits")
 
 
 def run(cfg: DictConfig, job_dir: Path, tracker: Tracker) -> dict:
@@ -374,13 +380,13 @@ def plot_accuracy(results: dict, path: Path) -> None:
     ax.axhline(1 / N_CLASSES, color="black", linestyle="--", linewidth=1, label="chance")
     ax.set_xticks(range(len(ARMS)), [f"{a}\n{arms[a]['init']} init\n{arms[a]['trained_on']}" for a in ARMS],
                   fontsize=8)
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.1)
     ax.set_ylabel(f"{results['data']} test accuracy (mean, 95% CI)")
-    ax.set_title(f"MNIST aux-logit toy: {results['n_models']} models {results['sizes']}, {results['loss']} loss "
-                 f"on {results['noise']} noise")
-    ax.legend(loc="upper right")
-    for x, mean in enumerate(means):
-        ax.text(x, mean + 0.02, f"{mean:.2f}", ha="center", va="bottom", fontsize=9)
+    ax.set_title(f"MNIST aux-logit toy on {results['data']}: {results['n_models']} models {results['sizes']}, "
+                 f"{results['loss']} loss on {results['noise']} noise", fontsize=10)
+    ax.legend(loc="center right")
+    for x, (mean, high) in enumerate(zip(means, errors[1], strict=True)):
+        ax.text(x, mean + high + 0.01, f"{mean:.2f}", ha="center", va="bottom", fontsize=9)
     fig.savefig(path, dpi=120)
 
 
