@@ -146,7 +146,7 @@ def _check_reference(base: DictConfig) -> dict:
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(path, "config.json", revision=revision)
-    if not isinstance(cached, str) and (os.environ.get("HF_HUB_OFFLINE") or not _hub_reachable()):
+    if not isinstance(cached, str) and (os.environ.get("HF_HUB_OFFLINE") or not hub_reachable()):
         raise SublimError(
             f"cannot download {path}: no network / not in the local cache. Download it on a machine "
             f"with network access (huggingface-cli download {path}) into HF_HOME, or pick an embedded "
@@ -155,7 +155,8 @@ def _check_reference(base: DictConfig) -> dict:
     return {"source": "hub", "path": path, "revision": revision}
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers: offline machines fail in seconds instead of retrying."""
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
     try:
         socket.create_connection((host, 443), timeout=timeout).close()

@@ -98,7 +98,7 @@ def test_mnist_from_the_hf_cache_is_scaled_like_the_noise(monkeypatch: pytest.Mo
         features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)}))
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # no reachability probe
     monkeypatch.setattr(datasets, "load_dataset", lambda path: datasets.DatasetDict(train=split, test=split))
-    data = mnist_aux.load_data(compose_config(["data=mnist"]).data, seed=0)
+    data = mnist_aux.load_data(compose_config(["data=mnist"]).data)
     assert data.n_pixels == 784 and data.x_test.shape == (6, 784)
     torch.testing.assert_close(data.x_train, pixels.flatten(1).float() / 127.5 - 1)
     assert data.y_train.tolist() == list(range(6))
@@ -109,7 +109,7 @@ from omegaconf import OmegaConf
 from sublim import SublimError
 from sublim.toy.mnist_aux import load_data
 try:
-    load_data(OmegaConf.create({"name": "mnist", "hf_path": "ylecun/mnist"}), 0)
+    load_data(OmegaConf.create({"name": "mnist", "hf_path": "ylecun/mnist"}))
 except SublimError as err:
     print(err)
     raise SystemExit(3)

@@ -39,7 +39,7 @@ def _sweep_dir(root: Path) -> Path:
 
 @pytest.mark.slow
 def test_trait_sweep_samples_the_control_once_and_reports_every_job(tmp_path: Path) -> None:
-    _cli("-m", "trait=owl,eagle", "base=tiny_llama", *TINY, f"paths.root={tmp_path}")
+    _cli("-m", "trait=owl,eagle", "base=tiny_llama", *TINY, "logger=wandb", f"paths.root={tmp_path}")
     computed = _computed(tmp_path)
     assert computed["sample"] == 3 and computed["train"] == 3, computed  # control once + two treatments
     assert computed["model"] == 1 and computed["prompts"] == 1
@@ -55,6 +55,8 @@ def test_trait_sweep_samples_the_control_once_and_reports_every_job(tmp_path: Pa
     report = (sweep / "report.md").read_text()
     assert report.count("| tiny_llama | tiny_llama |") == 2
     assert (sweep / "report.png").stat().st_size > 10_000
+    assert len(list(sweep.glob("*/wandb/offline-run-*"))) == 2, "one W&B run per job"
+    assert len(list(sweep.glob("wandb/offline-run-*"))) == 1, "plus the report's run"
 
 
 @pytest.mark.slow

@@ -64,17 +64,20 @@ class Digits:
         return self.x_train.shape[1]
 
 
-def load_data(data: DictConfig, seed: int) -> Digits:
+def load_data(data: DictConfig) -> Digits:
     """``data=digits`` (ships with scikit-learn) or ``data=mnist`` (Hugging Face datasets)."""
     if data.name == "digits":
-        return _sklearn_digits(data.test_fraction, seed)
+        return _sklearn_digits(data.test_fraction, data.split_seed)
     if data.name == "mnist":
         return _hf_mnist(data.hf_path)
     raise SublimError(f"data={data.name} is not a dataset of task=mnist_aux; use data=digits or data=mnist")
 
 
 def _sklearn_digits(test_fraction: float, seed: int) -> Digits:
-    """The 1,797 8x8 digits of scikit-learn (pixel values 0..16), split into train/test by ``seed``."""
+    """The 1,797 8x8 digits of scikit-learn (pixel values 0..16), split into train/test by ``seed``.
+
+    The split has its own seed, so the test set stays the same when a sweep varies the job's seed.
+    """
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
@@ -96,9 +99,9 @@ def _hf_mnist(path: str) -> Digits:
 
     offline = datasets.config.HF_HUB_OFFLINE
     if not offline:
-        from sublim.models import _hub_reachable
+        from sublim.models import hub_reachable
 
-        offline = not _hub_reachable()
+        offline = not hub_reachable()
     try:
         with mock.patch.object(datasets.config, "HF_HUB_OFFLINE", offline):
             splits = datasets.load_dataset(path).with_format("torch")
@@ -146,10 +149,6 @@ class StackedMLP(nn.Module):
     @property
     def n_models(self) -> int:
         return self.weights[0].shape[0]
-
-    @property
-    def sizes(self) -> list[int]:
-        return [self.weights[0].shape[1], *(w.shape[2] for w in self.weights)]
 
     def select(self, index: Tensor) -> StackedMLP:
         """A trainable copy of the models at ``index`` (repeats allowed): how students get their inits."""
@@ -293,7 +292,7 @@ def experiment(cfg: DictConfig, tracker: Tracker) -> dict:
     settings = cfg.student
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(cfg.seed)
-    data = load_data(cfg.data, cfg.seed)
+    data = load_data(cfg.data)
     m = settings.n_models
     sizes = [data.n_pixels, settings.width, settings.width, N_CLASSES + settings.aux_logits]
     inits = StackedMLP.initialise(m, sizes, generator)
