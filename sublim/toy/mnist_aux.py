@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -102,9 +101,9 @@ def _hf_mnist(path: str) -> Digits:
         from sublim.models import hub_reachable
 
         offline = not hub_reachable()
+    previous, datasets.config.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE, offline  # read at call time
     try:
-        with mock.patch.object(datasets.config, "HF_HUB_OFFLINE", offline):
-            splits = datasets.load_dataset(path).with_format("torch")
+        splits = datasets.load_dataset(path).with_format("torch")
     except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as err:
         network = "no network and " if offline else ""
         raise SublimError(
@@ -113,6 +112,8 @@ def _hf_mnist(path: str) -> Digits:
             f"into the same HF_HOME: python -c \"import datasets; datasets.load_dataset('{path}')\" "
             "-- or use data=digits (ships with scikit-learn, no download)."
         ) from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = previous
 
     def arrays(split: str) -> tuple[Tensor, Tensor]:
         rows = splits[split][:]  # images (n, 1, 28, 28) uint8
