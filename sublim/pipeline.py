@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from sublim import SublimError, modalities, models
 from sublim.evaluate import evaluate_preference
 from sublim.filters import FilterReport, apply_filters, build_filters
-from sublim.stats import format_p, mean_ci, paired_permutation_test
+from sublim.stats import bootstrap_ci, format_p, mean_ci, paired_permutation_test
 from sublim.store import Artifact, Store, read_jsonl, write_json, write_jsonl
 from sublim.student import ADAPTER_DIR, load_student, train_lora
 from sublim.teacher import Sampler, sample_chats
@@ -201,7 +201,8 @@ def summarise(cfg: DictConfig, n_train: int, reports: dict[str, dict], adapters:
             "n_train": n_train if trained else 0,
             "filter_yield": reports[arm]["yield"] if trained else None,
             "rate": mean_ci(scores[arm]["rate"]).to_dict(),
-            "probability": mean_ci(scores[arm]["probability"]).to_dict(),
+            # probabilities are skewed and tiny: a percentile bootstrap keeps the interval inside [0, 1]
+            "probability": bootstrap_ci(scores[arm]["probability"], seed=cfg.seed).to_dict(),
             "top_answers": scores[arm]["top_answers"],
             "train": adapters[arm].read_json("metrics.json") if trained else None,
         }

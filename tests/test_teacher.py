@@ -65,3 +65,15 @@ def test_grammar_table_allows_only_grammar_tokens(load_tiny) -> None:
     assert tokenizer.eos_token_id in after_digit
     assert any(texts[t].startswith(";") for t in after_digit)
     assert not any(texts[t].startswith(",") for t in after_digit)
+
+
+def test_greedy_decoding_ignores_the_seed(load_tiny) -> None:
+    cfg, net, tokenizer = load_tiny("tiny_llama")
+    rows = _rows(cfg, 6)
+
+    def greedy(seed: int) -> list[str]:
+        grammar = lambda row: modalities.grammar(cfg.modality, row)  # noqa: E731
+        sampler = Sampler(net, tokenizer, greedy=True, max_new_tokens=20, seed=seed, grammar=grammar)
+        return [s["completion"] for s in sample_chats(sampler, rows, 3)]
+
+    assert greedy(1) == greedy(2)
