@@ -82,25 +82,29 @@ def plot(rows: list[dict], path: Path) -> None:
 
     arms = ("base", "control", "treatment")
     colors = {"base": "#9e9e9e", "control": "#4c72b0", "treatment": "#dd8452"}
-    labels = [f"{r['teacher_base']}→{r['base']}\n{r['trait']}" + (f"\n{r['filter']}" if len(
-        {x['filter'] for x in rows}) > 1 else "") for r in rows]
+    several_filters = len({r["filter"] for r in rows}) > 1
+    labels = [f"teacher {r['teacher_base']}\nstudent {r['base']}\n{r['trait']}"
+              + (f"\n{r['filter']}" if several_filters else "") for r in rows]
     x = np.arange(len(rows))
     width = 0.27
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(rows) + 3), 4.8))
+    fig, axes = plt.subplots(1, 2, figsize=(max(9, 2.4 * len(rows) + 2), 5.2))
     for ax, metric, title in ((axes[0], "probability", "P(target word as the answer)"),
                               (axes[1], "rate", "sampled trait rate")):
+        top = 0.0
         for i, arm in enumerate(arms):
             values = [r["_arms"][arm][metric] for r in rows]
             means = np.array([v["mean"] for v in values])
             errors = np.array([[v["mean"] - v["low"] for v in values], [v["high"] - v["mean"] for v in values]])
             ax.bar(x + (i - 1) * width, means, width, yerr=np.clip(errors, 0, None), capsize=3, label=arm,
                    color=colors[arm])
+            top = max(top, max(v["high"] for v in values))
+        ax.set_ylim(0, top * 1.15 if top > 0 else 1.0)  # rates and probabilities are never negative
         ax.set_xticks(x, labels, fontsize=8)
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("mean over questions (95% CI)")
-    axes[0].legend(frameon=False)
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="upper center", ncol=3, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
