@@ -52,7 +52,7 @@ class WordProbability(pl.LightningModule):
         return [self._question(row["prompt_ids"], row["word_ids"]) for row in batch]
 
     def _question(self, prompt_ids: list[int], forms: list[list[int]]) -> list[float]:
-        prompt = self.net(input_ids=torch.tensor([prompt_ids], device=self.device), use_cache=True)
+        prompt = self.net(input_ids=torch.tensor([prompt_ids], device=self.device), use_cache=True, logits_to_keep=1)
         first = prompt.logits[0, -1].float().log_softmax(-1)
         width = max(map(len, forms))
         ids = torch.full((len(forms), width), self.pad_id, dtype=torch.long, device=self.device)
