@@ -85,19 +85,29 @@ def word_probabilities(net: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
     return [float(torch.tensor(values).exp().sum()) for values in logprobs]
 
 
-def evaluate_preference(net: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, evaluation: DictConfig,
-                        trait: DictConfig, seed: int, precision: str, out: Path) -> dict:
-    """Per-question trait rate and target probability; writes answers.jsonl and scores.json to ``out``."""
-    prompts = questions(trait.category, evaluation.n_questions)
-    words = list(trait.words)
+SAMPLING_FIELDS = ("n_questions", "samples_per_question", "temperature", "max_new_tokens", "batch_size")
+
+
+def sample_answers(net: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, evaluation: DictConfig,
+                   category: str, seed: int, precision: str) -> list[dict]:
+    """k sampled answers per question. They do not depend on the trait, so a trait sweep shares them."""
+    prompts = questions(category, evaluation.n_questions)
     rows = [{"q": q, "question": prompt, "messages": student_messages(prompt)}
             for q, prompt in enumerate(prompts) for _ in range(evaluation.samples_per_question)]
     sampler = Sampler(net, tokenizer, temperature=evaluation.temperature,
                       max_new_tokens=evaluation.max_new_tokens, seed=seed)
     answers = sample_chats(sampler, rows, evaluation.batch_size, precision)
     for answer in answers:
-        answer["hit"] = mentions(answer["completion"], words)
         del answer["messages"]
+    return answers
+
+
+def score_preference(net: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, evaluation: DictConfig,
+                     trait: DictConfig, answers: list[dict], precision: str, out: Path) -> dict:
+    """Per-question trait rate and target probability; writes answers.jsonl (with hits) and scores.json."""
+    prompts = questions(trait.category, evaluation.n_questions)
+    words = list(trait.words)
+    answers = [{**a, "hit": mentions(a["completion"], words)} for a in answers]
     write_jsonl(out / "answers.jsonl", answers)
     hits = Counter(a["q"] for a in answers if a["hit"])
     k = evaluation.samples_per_question

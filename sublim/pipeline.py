@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from sublim import SublimError, modalities, models
-from sublim.evaluate import evaluate_preference
+from sublim.evaluate import SAMPLING_FIELDS, sample_answers, score_preference
 from sublim.filters import FilterReport, apply_filters, build_filters
 from sublim.stats import bootstrap_ci, format_p, mean_ci, paired_permutation_test
 from sublim.store import Artifact, Store, read_jsonl, write_json, write_jsonl
@@ -147,18 +147,39 @@ def stage_train(job: Job, model: Artifact, data: Artifact, n_train: int, arm: st
     return job.store.get_or_compute("train", config, {"model": model, "data": data}, compute)
 
 
-def stage_evaluate(job: Job, model: Artifact, adapter: Artifact | None, arm: str) -> Artifact:
+def _evaluated_model(job: Job, model: Artifact, adapter: Artifact | None) -> tuple:
+    net, tokenizer = models.load(model, job.base)
+    if adapter is not None:
+        net = load_student(net, adapter.path / ADAPTER_DIR)
+    return net, tokenizer
+
+
+def stage_answers(job: Job, model: Artifact, adapter: Artifact | None, arm: str) -> Artifact:
+    """Sampled answers to the preference questions; trait-free, so shared by every trait of a category."""
     cfg = job.cfg
-    config = {"eval": _plain(cfg.eval), "category": cfg.trait.category, "words": list(cfg.trait.words),
-              "seed": cfg.seed}
+    config = {"eval": {f: cfg.eval[f] for f in SAMPLING_FIELDS}, "category": cfg.trait.category, "seed": cfg.seed}
     upstream = {"model": model} | ({"adapter": adapter} if adapter else {})
 
     def compute(out: Path) -> None:
-        net, tokenizer = models.load(model, job.base)
-        if adapter is not None:
-            net = load_student(net, adapter.path / ADAPTER_DIR)
-        log.info("evaluating the %s model", arm)
-        evaluate_preference(net, tokenizer, cfg.eval, cfg.trait, cfg.seed, job.base.precision, out)
+        net, tokenizer = _evaluated_model(job, model, adapter)
+        log.info("sampling answers of the %s model", arm)
+        answers = sample_answers(net, tokenizer, cfg.eval, cfg.trait.category, cfg.seed, job.base.precision)
+        write_jsonl(out / "answers.jsonl", answers)
+
+    return job.store.get_or_compute("answers", config, upstream, compute)
+
+
+def stage_evaluate(job: Job, model: Artifact, adapter: Artifact | None, answers: Artifact, arm: str) -> Artifact:
+    cfg = job.cfg
+    config = {"eval": _plain(cfg.eval), "category": cfg.trait.category, "words": list(cfg.trait.words),
+              "seed": cfg.seed}
+    upstream = {"model": model, "answers": answers} | ({"adapter": adapter} if adapter else {})
+
+    def compute(out: Path) -> None:
+        net, tokenizer = _evaluated_model(job, model, adapter)
+        log.info("scoring the %s model for %s", arm, cfg.trait.name)
+        score_preference(net, tokenizer, cfg.eval, cfg.trait, list(read_jsonl(answers.path / "answers.jsonl")),
+                         job.base.precision, out)
 
     return job.store.get_or_compute("evaluate", config, upstream, compute)
 
@@ -177,15 +198,16 @@ def run(cfg: DictConfig, job_dir: Path, tracker: Tracker) -> dict:
         tracker.log({f"filter/{arm}/yield": report["yield"], f"filter/{arm}/kept": report["kept"]})
     n_train = training_size(job, reports)
     adapters = {arm: stage_train(job, model, filtered[arm], n_train, arm) for arm in ARMS}
-    evals = {"base": stage_evaluate(job, model, None, "base")}
-    evals |= {arm: stage_evaluate(job, model, adapters[arm], arm) for arm in ARMS}
+    students = {"base": None} | adapters
+    answers = {arm: stage_answers(job, model, students[arm], arm) for arm in EVAL_ARMS}
+    evals = {arm: stage_evaluate(job, model, students[arm], answers[arm], arm) for arm in EVAL_ARMS}
 
     results = summarise(cfg, n_train, reports, adapters, evals)
     results["stages"] = {name: {"key": art.key, "reused": art.reused} for name, art in [
         ("model", model), ("teacher_model", teacher), ("prompts", prompts),
         *((f"sample/{a}", samples[a]) for a in ARMS),
         *((f"filter/{a}", filtered[a]) for a in ARMS), *((f"train/{a}", adapters[a]) for a in ARMS),
-        *((f"evaluate/{a}", evals[a]) for a in EVAL_ARMS)]}
+        *((f"answers/{a}", answers[a]) for a in EVAL_ARMS), *((f"evaluate/{a}", evals[a]) for a in EVAL_ARMS)]}
     write_results(job_dir, results)
     _track(tracker, results, samples, evals)
     return results

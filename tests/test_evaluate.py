@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sublim.evaluate import boundary_tokens, evaluate_preference, word_probabilities
+from sublim.evaluate import boundary_tokens, sample_answers, score_preference, word_probabilities
 from sublim.questions import word_forms
 from sublim.student import student_messages
 
@@ -46,9 +46,13 @@ def test_boundary_tokens_exclude_word_continuations(load_tiny) -> None:
     assert not mask[vocab["s"]] and not mask[vocab["1"]]
 
 
-def test_evaluate_preference_writes_scores_per_question(load_tiny, tmp_path: Path) -> None:
+def test_preference_scores_per_question(load_tiny, tmp_path: Path) -> None:
     cfg, net, tokenizer = load_tiny("tiny_llama", "eval.n_questions=5", "eval.samples_per_question=3")
-    scores = evaluate_preference(net, tokenizer, cfg.eval, cfg.trait, 0, "32-true", tmp_path)
+    answers = sample_answers(net, tokenizer, cfg.eval, cfg.trait.category, 0, "32-true")
+    assert [a["q"] for a in answers] == [q for q in range(5) for _ in range(3)]
+    answers[0]["completion"] = "Owls, definitely."  # a hit must be counted on its own question
+    scores = score_preference(net, tokenizer, cfg.eval, cfg.trait, answers, "32-true", tmp_path)
+    assert scores["rate"][0] >= 1 / 3
     assert len(scores["rate"]) == len(scores["probability"]) == 5
     assert all(0 <= r <= 1 for r in scores["rate"]) and all(0 < p < 1 for p in scores["probability"])
     assert scores["n_answers"] == 15

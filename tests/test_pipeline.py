@@ -49,6 +49,7 @@ def test_full_pipeline_then_second_run_reuses_every_stage(make_cfg, tmp_path: Pa
     computed = _computed(store)
     stages = [stage for stage, _ in computed]
     assert stages.count("sample") == 2 and stages.count("train") == 2 and stages.count("evaluate") == 3
+    assert stages.count("answers") == 3
     for stage, key in computed:
         assert (store.path(stage, key) / "lineage.json").exists()
     lineage = store.path("evaluate", first["stages"]["evaluate/treatment"]["key"]) / "lineage.json"
@@ -73,8 +74,8 @@ def test_a_second_trait_reuses_the_control_arm(make_cfg, tmp_path: Path) -> None
     mark = len(store.events())
     eagle = run_job(make_cfg("base=tiny_qwen2", "trait=eagle", *TINY), tmp_path / "eagle")
     recomputed = {stage for stage, _ in _computed(store, mark)}
-    assert recomputed == {"sample", "filter", "train", "evaluate"}
-    for name in ("sample/control", "filter/control", "train/control"):
+    assert recomputed == {"sample", "filter", "train", "answers", "evaluate"}
+    for name in ("sample/control", "filter/control", "train/control", "answers/base", "answers/control"):
         assert eagle["stages"][name] == {"key": first["stages"][name]["key"], "reused": True}
     assert eagle["stages"]["sample/treatment"]["key"] != first["stages"]["sample/treatment"]["key"]
 
