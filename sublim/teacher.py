@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from functools import lru_cache
 
 import pytorch_lightning as pl
 import torch
@@ -23,17 +22,24 @@ from sublim.models import eos_ids
 log = logging.getLogger(__name__)
 
 
-@lru_cache(maxsize=8)
+_TOKEN_TEXTS: dict[tuple[str, int], tuple[str, ...]] = {}
+
+
 def token_texts(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
     """The text each token adds when it follows other text.
 
     Decoding a token after an anchor and removing the anchor's text keeps leading spaces that
-    SentencePiece decoders drop from a token decoded on its own.
+    SentencePiece decoders drop from a token decoded on its own. Every stage loads its own tokenizer,
+    so the table is cached by the tokenizer's source (a content-addressed store dir or a hub id):
+    Gemma's 262k-token vocabulary takes seconds to decode.
     """
-    anchor = tokenizer.encode("0", add_special_tokens=False)
-    prefix = tokenizer.decode(anchor)
-    decoded = tokenizer.batch_decode([anchor + [i] for i in range(len(tokenizer))])
-    return tuple(text[len(prefix):] if text.startswith(prefix) else text for text in decoded)
+    key = (tokenizer.name_or_path, len(tokenizer))
+    if key not in _TOKEN_TEXTS:
+        anchor = tokenizer.encode("0", add_special_tokens=False)
+        prefix = tokenizer.decode(anchor)
+        decoded = tokenizer.batch_decode([anchor + [i] for i in range(len(tokenizer))])
+        _TOKEN_TEXTS[key] = tuple(text[len(prefix):] if text.startswith(prefix) else text for text in decoded)
+    return _TOKEN_TEXTS[key]
 
 
 class GrammarTable:
