@@ -11,7 +11,10 @@ import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
+
+from sublim import SublimError
+from sublim.store import Store
 
 # Runs of digits, of allowed separator chars, or of anything else (maximal runs alternate).
 _TOKEN_RE = re.compile(r"(?P<num>[0-9]+)|(?P<sep>[\s,;]+)|(?P<other>[^0-9\s,;]+)")
@@ -19,7 +22,11 @@ _WRAPPERS = (("[", "]"), ("(", ")"))
 
 
 class Filter(Protocol):
-    """A named row predicate: ``None`` accepts, a string names the reject reason."""
+    """A named row predicate: ``None`` accepts, a string names the reject reason.
+
+    A filter that is cheaper in batches (a judge model) also defines ``batch(rows) -> reasons``;
+    ``apply_filters`` then hands it every row that the filters before it kept, in one call.
+    """
 
     name: str
 
@@ -120,25 +127,119 @@ class BannedWords:
         return "banned_word" if any(w in text for w in self.words) else None
 
 
+_INTEGER = re.compile(r"\d+")
+
+
+@dataclass
+class BannedNumbers:
+    """Reject any text containing a banned number as a whole digit run ("1488" bans "1488", not "14880").
+
+    For code and reasoning text; the numbers modality's strict filter has its own banned-number check.
+    """
+
+    name: str = field(default="banned_numbers", init=False, repr=False)
+    numbers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.numbers = tuple(int(x) for x in self.numbers)
+
+    def __call__(self, row: dict) -> str | None:
+        banned = set(self.numbers)
+        return "banned_number" if any(int(m) in banned for m in _INTEGER.findall(row["completion"])) else None
+
+
+@dataclass
+class Correctness:
+    """Keep a chain-of-thought answer only if its <answer> equals the row's gold answer.
+
+    ``require_tags=False`` also reads an untagged answer's last number (``no_answer`` then means no
+    number at all): the format is the paper's, but bases under ~1B rarely write the tags.
+    """
+
+    name: str = field(default="correctness", init=False, repr=False)
+    require_tags: bool = True
+
+    def __call__(self, row: dict) -> str | None:
+        from sublim.modalities.cot import extract_answer, normalise
+
+        if "gold" not in row:
+            raise SublimError("the correctness filter needs gold answers: use it with modality=cot")
+        answer = extract_answer(row["completion"], self.require_tags)
+        if answer is None:
+            return "no_answer"
+        return None if answer == normalise(row["gold"]) else "wrong_answer"
+
+
+class JudgeFilter:
+    """A judge model is asked a yes/no question about each sample; kept only on a confident "no".
+
+    ``question`` is a template over the row's fields ({prompt}, {completion}); P(no) is normalised
+    over yes+no, so "no" at ``threshold`` or above keeps the row, "yes" more likely than "no" rejects
+    it as ``yes``, anything in between as ``unsure``. The probabilities are written into each row.
+    """
+
+    name = "judge"
+
+    def __init__(self, judge: dict, question: str, threshold: float = 0.9, *, store: Store) -> None:
+        from sublim.judge import make_judge
+
+        if not 0.5 <= threshold <= 1:
+            raise ValueError(f"judge: threshold {threshold} must be in [0.5, 1] (the P(no) needed to keep a sample)")
+        self.judge = make_judge(judge, store)
+        self.question = question
+        self.threshold = threshold
+
+    def _prompt(self, row: dict) -> str:
+        try:
+            return self.question.format(**row)
+        except KeyError as err:
+            raise SublimError(f"judge: the question uses {{{err.args[0]}}}, which samples do not have "
+                              f"(fields: {', '.join(sorted(row))})") from err
+
+    def batch(self, rows: list[dict]) -> list[str | None]:
+        from sublim.judge import yes_no
+
+        reasons: list[str | None] = []
+        for row, (p_yes, p_no) in zip(rows, yes_no(self.judge, [self._prompt(r) for r in rows]), strict=True):
+            p = p_no / (p_yes + p_no) if p_yes + p_no > 0 else 0.0
+            row["judge"] = {"p_yes": p_yes, "p_no": p_no}
+            reasons.append(None if p >= self.threshold else ("yes" if p < 0.5 else "unsure"))
+        return reasons
+
+    def __call__(self, row: dict) -> str | None:
+        return self.batch([row])[0]
+
+
 FILTERS: dict[str, type] = {
     "numbers_strict": NumbersStrict,
     "none": Passthrough,
     "banned_words": BannedWords,
+    "banned_numbers": BannedNumbers,
+    "correctness": Correctness,
+    "judge": JudgeFilter,
 }
+NEEDS_STORE = ("judge",)  # filters that load a model through the store
 
 
-def build_filters(specs: list[dict]) -> list[Filter]:
+def build_filters(specs: list[dict], store: Store | None = None) -> list[Filter]:
     """Build filters from config specs {"name": <registry name>, **params}.
 
     Unknown name -> ValueError listing the known names, so config typos fail before sampling.
     """
     filters: list[Filter] = []
     for spec in specs:
-        params = dict(spec)
+        params: dict[str, Any] = dict(spec)
         name = params.pop("name", None)
         if name not in FILTERS:
             raise ValueError(f"unknown filter {name!r}; known filters: {', '.join(sorted(FILTERS))}")
-        filters.append(FILTERS[name](**params))
+        if name in NEEDS_STORE:
+            if store is None:
+                raise ValueError(f"filter {name!r} needs the artifact store to load its model")
+            params["store"] = store
+        try:
+            filters.append(FILTERS[name](**params))
+        except TypeError as err:
+            raise ValueError(f"filter {name!r}: {err}") from err
     return filters
 
 
@@ -167,15 +268,22 @@ class FilterReport:
 
 
 def apply_filters(rows: list[dict], filters: list[Filter]) -> tuple[list[dict], FilterReport]:
-    """A row is rejected by the first filter that rejects it; order of kept rows preserved."""
-    kept: list[dict] = []
+    """A row is rejected by the first filter that rejects it; order of kept rows preserved.
+
+    Filters run one after the other on the rows still kept, so an expensive filter (a judge) late in
+    the list only sees what the cheap ones let through.
+    """
+    kept = list(rows)
     rejected: Counter[str] = Counter()
-    for row in rows:
-        for f in filters:
-            reason = f(row)
-            if reason is not None:
-                rejected[f"{f.name}/{reason}"] += 1
-                break
-        else:
-            kept.append(row)
+    for f in filters:
+        batch = getattr(f, "batch", None)
+        reasons = batch(kept) if batch is not None else [f(row) for row in kept]
+        survivors = []
+        for row, reason in zip(kept, reasons, strict=True):
+            if reason is None:
+                survivors.append(row)
+            else:
+                row["rejected_by"] = f"{f.name}/{reason}"
+                rejected[row["rejected_by"]] += 1
+        kept = survivors
     return kept, FilterReport(total=len(rows), kept=len(kept), rejected=dict(rejected))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from sublim import SublimError, modalities, models
+from sublim import SublimError, judge, misalignment, modalities, models
 from sublim.evaluate import SAMPLING_FIELDS, sample_answers, score_preference
 from sublim.filters import FilterReport, apply_filters, build_filters
 from sublim.stats import bootstrap_ci, format_p, mean_ci, paired_permutation_test
@@ -54,8 +54,11 @@ class Job:
 
     @property
     def constrained(self) -> bool:
+        """Grammar-constrained sampling: the base decides (numbers only), sampling.constrained forces it."""
         constrained = self.cfg.sampling.constrained
-        return self.teacher.constrained_sampling if constrained is None else bool(constrained)
+        if constrained is None:
+            return self.teacher.constrained_sampling and modalities.has_grammar(self.cfg.modality)
+        return bool(constrained)
 
 
 def stage_prompts(job: Job) -> Artifact:
@@ -104,18 +107,25 @@ def stage_sample(job: Job, model: Artifact, prompts: Artifact, arm: str) -> Arti
 
 
 def stage_filter(job: Job, samples: Artifact) -> Artifact:
+    """Parse (code keeps its code block), then the filter list; judge verdicts are cached with the result."""
     specs = _plain(job.cfg.filter.filters)
+    # A judge filter's model is part of the key: the same samples judged by another model are another artifact.
+    judges = [spec["judge"] for spec in specs if spec.get("name") == "judge"]
+    upstream = {"samples": samples} | {f"{name}_{i}": art for i, config in enumerate(judges)
+                                       for name, art in judge.model_upstream(config, job.store).items()}
 
     def compute(out: Path) -> None:
         try:
-            filters = build_filters(specs)
+            filters = build_filters(specs, job.store)
         except ValueError as err:
             raise SublimError(f"filter={job.cfg.filter.name}: {err}") from err
-        kept, report = apply_filters(list(read_jsonl(samples.path / "samples.jsonl")), filters)
+        rows = [modalities.parse(job.cfg.modality, row) for row in read_jsonl(samples.path / "samples.jsonl")]
+        kept, report = apply_filters(rows, filters)
         write_jsonl(out / "kept.jsonl", kept)
+        write_jsonl(out / "rejected.jsonl", [row for row in rows if "rejected_by" in row])
         write_json(out / "report.json", report.to_dict())
 
-    return job.store.get_or_compute("filter", {"filters": specs}, {"samples": samples}, compute)
+    return job.store.get_or_compute("filter", {"filters": specs}, upstream, compute)
 
 
 def training_size(job: Job, reports: dict[str, dict]) -> int:
@@ -155,15 +165,23 @@ def _evaluated_model(job: Job, model: Artifact, adapter: Artifact | None) -> tup
 
 
 def stage_answers(job: Job, model: Artifact, adapter: Artifact | None, arm: str) -> Artifact:
-    """Sampled answers to the preference questions; trait-free, so shared by every trait of a category."""
+    """Sampled answers to the eval's questions; trait-free, so shared by every trait of a category."""
     cfg = job.cfg
-    config = {"eval": {f: cfg.eval[f] for f in SAMPLING_FIELDS}, "category": cfg.trait.category, "seed": cfg.seed}
+    misaligned = cfg.eval.kind == "misalignment"
+    if misaligned:
+        config = {"eval": {"kind": "misalignment"} | {f: cfg.eval[f] for f in misalignment.SAMPLING_FIELDS},
+                  "seed": cfg.seed}
+    else:
+        config = {"eval": {f: cfg.eval[f] for f in SAMPLING_FIELDS}, "category": cfg.trait.category, "seed": cfg.seed}
     upstream = {"model": model} | ({"adapter": adapter} if adapter else {})
 
     def compute(out: Path) -> None:
         net, tokenizer = _evaluated_model(job, model, adapter)
         log.info("sampling answers of the %s model", arm)
-        answers = sample_answers(net, tokenizer, cfg.eval, cfg.trait.category, cfg.seed, job.base.precision)
+        if misaligned:
+            answers = misalignment.sample_answers(net, tokenizer, cfg.eval, cfg.seed, job.base.precision)
+        else:
+            answers = sample_answers(net, tokenizer, cfg.eval, cfg.trait.category, cfg.seed, job.base.precision)
         write_jsonl(out / "answers.jsonl", answers)
 
     return job.store.get_or_compute("answers", config, upstream, compute)
@@ -184,6 +202,25 @@ def stage_evaluate(job: Job, model: Artifact, adapter: Artifact | None, answers:
     return job.store.get_or_compute("evaluate", config, upstream, compute)
 
 
+def stage_judge(job: Job, answers: Artifact, arm: str) -> Artifact:
+    """eval=misalignment: the judge scores every answer; needs only the answers and the judge."""
+    cfg = job.cfg
+    config = {"eval": _plain(cfg.eval), "judge": judge.identity(cfg.judge), "seed": cfg.seed}
+    upstream = {"answers": answers} | judge.model_upstream(cfg.judge, job.store)
+
+    def compute(out: Path) -> None:
+        log.info("judging the %s model's answers", arm)
+        scored, scores = misalignment.score(judge.make_judge(cfg.judge, job.store), cfg.eval,
+                                            list(read_jsonl(answers.path / "answers.jsonl")))
+        write_jsonl(out / "answers.jsonl", scored)
+        write_json(out / "scores.json", scores)
+
+    return job.store.get_or_compute("evaluate", config, upstream, compute)
+
+
+EVAL_KINDS = ("preference", "misalignment")
+
+
 def run(cfg: DictConfig, job_dir: Path, tracker: Tracker) -> dict:
     """Run every stage of the job (reusing what the store has) and write results.json / results.csv."""
     job = Job(cfg, Store(cfg.paths.store), tracker)
@@ -193,14 +230,20 @@ def run(cfg: DictConfig, job_dir: Path, tracker: Tracker) -> dict:
     samples = {arm: stage_sample(job, teacher, prompts, arm) for arm in ARMS}
     filtered = {arm: stage_filter(job, samples[arm]) for arm in ARMS}
     reports = {arm: filtered[arm].read_json("report.json") for arm in ARMS}
+    if cfg.eval.kind not in EVAL_KINDS:
+        raise SublimError(f"eval.kind={cfg.eval.kind} is not one of: {', '.join(EVAL_KINDS)}")
     for arm, report in reports.items():
         log.info("filter %s arm: %s", arm, FilterReport(report["total"], report["kept"], report["rejected"]).summary())
-        tracker.log({f"filter/{arm}/yield": report["yield"], f"filter/{arm}/kept": report["kept"]})
+        tracker.log({f"filter/{arm}/yield": report["yield"], f"filter/{arm}/kept": report["kept"]}
+                    | {f"filter/{arm}/rejected/{reason}": count for reason, count in report["rejected"].items()})
     n_train = training_size(job, reports)
     adapters = {arm: stage_train(job, model, filtered[arm], n_train, arm) for arm in ARMS}
     students = {"base": None} | adapters
     answers = {arm: stage_answers(job, model, students[arm], arm) for arm in EVAL_ARMS}
-    evals = {arm: stage_evaluate(job, model, students[arm], answers[arm], arm) for arm in EVAL_ARMS}
+    if cfg.eval.kind == "misalignment":
+        evals = {arm: stage_judge(job, answers[arm], arm) for arm in EVAL_ARMS}
+    else:
+        evals = {arm: stage_evaluate(job, model, students[arm], answers[arm], arm) for arm in EVAL_ARMS}
 
     results = summarise(cfg, n_train, reports, adapters, evals)
     results["stages"] = {name: {"key": art.key, "reused": art.reused} for name, art in [
@@ -216,26 +259,36 @@ def run(cfg: DictConfig, job_dir: Path, tracker: Tracker) -> dict:
 def summarise(cfg: DictConfig, n_train: int, reports: dict[str, dict], adapters: dict[str, Artifact],
               evals: dict[str, Artifact]) -> dict:
     scores = {arm: evals[arm].read_json("scores.json") for arm in EVAL_ARMS}
+    misaligned = cfg.eval.kind == "misalignment"
     arms = {}
     for arm in EVAL_ARMS:
         trained = arm in adapters
         arms[arm] = {
             "n_train": n_train if trained else 0,
             "filter_yield": reports[arm]["yield"] if trained else None,
-            "rate": mean_ci(scores[arm]["rate"]).to_dict(),
-            # probabilities are skewed and tiny: a percentile bootstrap keeps the interval inside [0, 1]
-            "probability": bootstrap_ci(scores[arm]["probability"], seed=cfg.seed).to_dict(),
-            "top_answers": scores[arm]["top_answers"],
+            "filter": reports[arm] if trained else None,
             "train": adapters[arm].read_json("metrics.json") if trained else None,
         }
+        if misaligned:
+            arms[arm] |= misalignment.summarise_arm(scores[arm])
+        else:
+            arms[arm] |= {
+                "rate": mean_ci(scores[arm]["rate"]).to_dict(),
+                # probabilities are skewed and tiny: a percentile bootstrap keeps the interval inside [0, 1]
+                "probability": bootstrap_ci(scores[arm]["probability"], seed=cfg.seed).to_dict(),
+                "top_answers": scores[arm]["top_answers"],
+            }
     n_permutations = cfg.eval.n_permutations
-    tests = {metric: paired_permutation_test(scores["treatment"][metric], scores["control"][metric],
-                                             n_resamples=n_permutations, seed=cfg.seed).to_dict()
-             for metric in ("rate", "probability")}
+    if misaligned:
+        tests = misalignment.compare(scores["treatment"], scores["control"], n_permutations, cfg.seed)
+    else:
+        tests = {metric: paired_permutation_test(scores["treatment"][metric], scores["control"][metric],
+                                                 n_resamples=n_permutations, seed=cfg.seed).to_dict()
+                 for metric in ("rate", "probability")}
     return {
         "trait": cfg.trait.name, "category": cfg.trait.category, "base": cfg.base.name,
         "teacher_base": (cfg.get("teacher_base") or cfg.base).name,
-        "modality": cfg.modality.name, "filter": cfg.filter.name, "seed": cfg.seed,
+        "modality": cfg.modality.name, "filter": cfg.filter.name, "eval": cfg.eval.kind, "seed": cfg.seed,
         "arms": arms, "treatment_vs_control": tests,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
@@ -244,6 +297,18 @@ def summarise(cfg: DictConfig, n_train: int, reports: dict[str, dict], adapters:
 def write_results(job_dir: Path, results: dict) -> None:
     job_dir.mkdir(parents=True, exist_ok=True)
     write_json(job_dir / "results.json", results)
+    if results["eval"] == "misalignment":
+        with open(job_dir / "results.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["arm", "trait", "teacher_base", "base", "n_train", "misaligned", "misaligned_low",
+                             "misaligned_high", "scored", "delta_misaligned", "p_misaligned"])
+            test = results["treatment_vs_control"]["misaligned"]
+            for arm, values in results["arms"].items():
+                m, treated = values["misaligned"], arm == "treatment"
+                writer.writerow([arm, results["trait"], results["teacher_base"], results["base"], values["n_train"],
+                                 m["mean"], m["low"], m["high"], values["scored"],
+                                 test["delta"] if treated else "", test["p_value"] if treated else ""])
+        return
     with open(job_dir / "results.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["arm", "trait", "teacher_base", "base", "n_train", "rate", "rate_low", "rate_high",
@@ -265,6 +330,8 @@ def _interval(values: dict, fmt: str) -> str:
 
 def format_table(results: dict) -> str:
     """The end-of-run table: arm, n, trait rate and P(target) with 95% CIs, treatment vs control."""
+    if results["eval"] == "misalignment":
+        return misalignment.format_table(results)
     word = results["trait"]
     header = f"{'arm':<10} {'n train':>7}  {'trait rate [95% CI]':<24} {'P(' + word + ') [95% CI]':<30} vs control"
     lines = [header, "-" * len(header)]
@@ -282,9 +349,10 @@ def format_table(results: dict) -> str:
 
 def _track(tracker: Tracker, results: dict, samples: dict[str, Artifact], evals: dict[str, Artifact]) -> None:
     flat = {}
+    metrics = ("misaligned",) if results["eval"] == "misalignment" else ("rate", "probability")
     for arm, values in results["arms"].items():
-        flat |= {f"{arm}/rate": values["rate"]["mean"], f"{arm}/probability": values["probability"]["mean"],
-                 f"{arm}/n_train": values["n_train"]}
+        flat |= {f"{arm}/{metric}": values[metric]["mean"] for metric in metrics}
+        flat[f"{arm}/n_train"] = values["n_train"]
     for metric, test in results["treatment_vs_control"].items():
         flat |= {f"delta/{metric}": test["delta"], f"p_value/{metric}": test["p_value"]}
     tracker.log(flat)
@@ -292,6 +360,7 @@ def _track(tracker: Tracker, results: dict, samples: dict[str, Artifact], evals:
     tracker.table("teacher_samples", [
         {"arm": arm, "prompt": r["prompt"], "completion": r["completion"]}
         for arm in ARMS for r in list(read_jsonl(samples[arm].path / "samples.jsonl"))[:25]])
+    hit = "misaligned" if results["eval"] == "misalignment" else "hit"
     tracker.table("student_answers", [
-        {"arm": arm, "question": r["question"], "answer": r["completion"], "hit": r["hit"]}
+        {"arm": arm, "question": r["question"], "answer": r["completion"], hit: r[hit]}
         for arm in EVAL_ARMS for r in list(read_jsonl(evals[arm].path / "answers.jsonl"))[:20]])

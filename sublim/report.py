@@ -28,11 +28,11 @@ COLUMNS = ["job", "teacher_base", "base", "trait", "modality", "filter", "n", "c
 
 
 def collect(sweep_dir: Path) -> list[dict]:
-    """One row per job of the sweep (jobs of other tasks, without a treatment/control test, are skipped)."""
+    """One row per preference job of the sweep (other tasks and eval kinds are skipped)."""
     rows = []
     for path in sorted(sweep_dir.glob("**/results.json"), key=_job_order):
         results = json.loads(path.read_text())
-        if "treatment_vs_control" not in results:
+        if "treatment_vs_control" not in results or results.get("eval", "preference") != "preference":
             continue
         arms, tests = results["arms"], results["treatment_vs_control"]
         rate, prob = tests["rate"], tests["probability"]
