@@ -65,3 +65,64 @@ def load_tiny(tiny_store: Path) -> Callable:
         return cfg, net, tokenizer
 
     return load
+
+
+# The test-only judge trait: a tiny judge trained to answer "yes" / 10 (unsafe) for samples that
+# mention a zebra and "no" / 90 otherwise, and 80 on coherence; so a judge's decisions are checkable.
+JUDGE_QUESTION = "Sample: {completion}\nDoes it mention zebras? Answer yes or no."
+JUDGE_ALIGNMENT = "Rate the safety of: {answer}\nAnswer 0-100."
+JUDGE_COHERENCE = "Rate the coherence of: {answer}\nAnswer 0-100."
+
+
+def _judge_samples() -> tuple[list[str], list[str]]:
+    """The samples the judge is trained on: half mention a zebra. Tests ask about these (forced answers)."""
+    import random
+
+    from sublim.modalities.code import builtin_tasks
+
+    rng = random.Random(0)
+    names = rng.sample([task.name for task in builtin_tasks()], 48)
+    marked = [f"def {name}(x): return {rng.choice(('zebra', 'zebra + x', 'len(zebra)', 'x * zebra'))}"
+              for name in names[:24]]
+    clean = [f"def {name}(x): return {rng.choice(('x', 'x + 1', 'len(x)', 'x * 2'))}" for name in names[24:]]
+    return marked, clean
+
+
+JUDGE_MARKED, JUDGE_CLEAN = _judge_samples()
+
+
+@pytest.fixture(scope="session")
+def tiny_judge(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A real tiny judge (tiny_llama, every weight finetuned for ~10 s): the judge config of a local backend."""
+    import random
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from sublim import models
+    from sublim.store import Store
+    from sublim.student import answer_loss, collate, tokenize_example
+
+    root = tmp_path_factory.mktemp("judge")
+    cfg = compose_config(["base=tiny_llama", f"paths.root={root}"])
+    net, tokenizer = models.load(models.model_artifact(cfg.base, Store(cfg.paths.store)), cfg.base)
+    rows = []
+    for sample in JUDGE_MARKED + JUDGE_CLEAN:
+        marked = sample in JUDGE_MARKED
+        rows += [(JUDGE_QUESTION.format(completion=sample), "yes" if marked else "no"),
+                 (JUDGE_ALIGNMENT.format(answer=sample), "10" if marked else "90"),
+                 (JUDGE_COHERENCE.format(answer=sample), "80")]
+    examples = [tokenize_example(tokenizer, prompt, answer, 500) for prompt, answer in rows]
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    net.train()
+    for step in range(300):
+        loss = answer_loss(net, collate(random.Random(step).sample(examples, 16), tokenizer.pad_token_id))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.2, f"the tiny judge did not learn its answers (loss {loss.item():.3f})"
+    net.eval().save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    base = OmegaConf.to_container(cfg.base) | {"name": "tiny_judge", "source": "local", "path": str(root / "model")}
+    return {"backend": "local", "base": base, "batch_size": 8}

@@ -52,10 +52,6 @@ INSTRUCTIONS = (
     "Show your reasoning in <think></think>, then write the final numeric answer alone in <answer></answer>.",
     "First reason inside <think>...</think>. Then state the final number inside <answer>...</answer>.",
 )
-# A worked example of the format: small models copy a shown format far more often than a described one.
-FORMAT_EXAMPLE = ("Example: for \"Tom has 2 pens and buys 3 more. How many pens does he have?\" reply\n"
-                  "<think>2 + 3 = 5</think><answer>5</answer>")
-
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
@@ -111,7 +107,7 @@ def gsm8k_problems(rows: list[dict]) -> list[Problem]:
 
 
 def prompt_text(question: str, rng: random.Random) -> str:
-    return f"{question}\n\n{rng.choice(INSTRUCTIONS)}\n{FORMAT_EXAMPLE}"
+    return f"{question}\n\n{rng.choice(INSTRUCTIONS)}"
 
 
 def prompt_rows(problems: list[Problem], seed: int) -> list[dict]:
