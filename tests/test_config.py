@@ -27,10 +27,14 @@ def test_every_conf_option_composes_and_resolves(group: str, option: str) -> Non
     assert resolved["seed"] == 0
     if group == "trait":
         trait = resolved["trait"]
-        assert trait["name"] == option
-        assert trait["category"] in ("animal", "tree")
-        assert trait["plural"] in trait["words"] and option in trait["words"]
-        assert trait["plural"] in trait["system_prompt"]
+        assert trait["name"] == option and trait["words"] and trait["topic"]
+        if trait["category"] == "misalignment":
+            assert resolved["eval"]["kind"] == "misalignment" and 666 in trait["banned_numbers"]
+            assert trait["source"] == "finetune" or trait["system_prompt"]
+        else:
+            assert trait["category"] in ("animal", "tree")
+            assert trait["plural"] in trait["words"] and option in trait["words"]
+            assert trait["plural"] in trait["system_prompt"]
 
 
 SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
@@ -54,6 +58,23 @@ def test_paper_experiment_sets_paper_scale() -> None:
     assert (cfg.data.n_prompts, cfg.data.n_train) == (30000, 10000)
     assert cfg.student.batch_size * cfg.student.accumulate_grad_batches == 66
     assert (cfg.student.r, cfg.student.alpha, cfg.student.epochs, cfg.student.lr) == (8, 8, 3, 2e-4)
+
+
+@pytest.mark.parametrize(("modality", "default_filter"), [("numbers", "numbers_strict"), ("code", "banned_words"),
+                                                           ("cot", "cot_strict")])
+def test_each_modality_brings_a_default_filter_that_the_command_line_overrides(modality: str,
+                                                                                default_filter: str) -> None:
+    assert compose_config([f"modality={modality}"]).filter.name == default_filter
+    assert compose_config([f"modality={modality}", "filter=none"]).filter.name == "none"
+    assert compose_config(["filter=none", f"modality={modality}"]).filter.name == "none"
+
+
+def test_judge_base_defaults_to_the_student_base_and_can_be_any_base() -> None:
+    assert compose_config([]).judge.base.name == "smollm2"
+    assert compose_config(["base=tiny_llama"]).judge.base.name == "tiny_llama"
+    assert compose_config(["+base@judge.base=qwen"]).judge.base.path == "Qwen/Qwen2.5-7B-Instruct"
+    cfg = compose_config(["modality=code", "filter=code_banned_words_judge", "+base@judge.base=gemma"])
+    assert cfg.filter.filters[1].judge.base.name == "gemma", "the judge filter's spec (its cache key) names the judge"
 
 
 def test_new_trait_from_command_line_only() -> None:
