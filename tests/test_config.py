@@ -49,7 +49,7 @@ def test_every_sweep_file_composes_and_expands(sweep: str) -> None:
     assert params, f"sweeps/{sweep}.yaml declares no hydra.sweeper.params"
     parsed = OverridesParser.create().parse_overrides([f"{key}={value}" for key, value in params.items()])
     for override in parsed:
-        for choice in override.sweep_iterator():
+        for choice in override.sweep_iterator() if override.is_sweep_override() else [override.value()]:
             OmegaConf.to_container(compose_config([f"{override.key_or_group}={choice}"]), resolve=True)
 
 
