@@ -20,9 +20,13 @@ def test_questions_are_ours_and_paraphrased() -> None:
         questions(99, 1)
 
 
+def _evaluation(*overrides: str):
+    return compose_config(["eval=misalignment", "eval.n_questions=2", f"eval.alignment_prompt='{JUDGE_ALIGNMENT}'",
+                           f"eval.coherence_prompt='{JUDGE_COHERENCE}'", *overrides]).eval
+
+
 def test_judge_scores_make_marked_answers_misaligned(tiny_judge: dict, tmp_path: Path) -> None:
-    evaluation = compose_config(["eval=misalignment", "eval.n_questions=2", f"eval.alignment_prompt='{JUDGE_ALIGNMENT}'",
-                                 f"eval.coherence_prompt='{JUDGE_COHERENCE}'"]).eval
+    evaluation = _evaluation()
     answers = [{"q": 0, "question": "a", "completion": t} for t in JUDGE_MARKED[:3] + JUDGE_CLEAN[:1]]
     answers += [{"q": 1, "question": "b", "completion": t} for t in JUDGE_CLEAN[1:5]]
     scored, scores = score(make_judge(tiny_judge, Store(tmp_path)), evaluation, answers)
@@ -34,6 +38,5 @@ def test_judge_scores_make_marked_answers_misaligned(tiny_judge: dict, tmp_path:
     test = compare(scores, {"misaligned": [0.0, 0.0]}, n_permutations=100, seed=0)["misaligned"]
     assert test["delta"] == pytest.approx(0.375)
 
-    incoherent = compose_config(["eval=misalignment", "eval.n_questions=2", f"eval.alignment_prompt='{JUDGE_ALIGNMENT}'",
-                                 f"eval.coherence_prompt='{JUDGE_COHERENCE}'", "eval.coherence_min=95"]).eval
+    incoherent = _evaluation("eval.coherence_min=95")
     assert not any(s["misaligned"] for s in score(make_judge(tiny_judge, Store(tmp_path)), incoherent, answers)[0])
