@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from sublim import SublimError, judge, misalignment, modalities, models
+from sublim import SublimError, judge, misalignment, modalities, models, vllm_sampling
 from sublim.evaluate import SAMPLING_FIELDS, sample_answers, score_preference
 from sublim.filters import FilterReport, apply_filters, build_filters
 from sublim.stats import bootstrap_ci, format_p, mean_ci, paired_permutation_test
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 ARMS = ("control", "treatment")
 EVAL_ARMS = ("base", "control", "treatment")
+BACKENDS = ("hf", "vllm")
 
 
 def _plain(node: DictConfig) -> dict:
@@ -85,20 +86,30 @@ def stage_sample(job: Job, model: Artifact, prompts: Artifact, arm: str) -> Arti
     config = {"system_prompt": system, "sampling": _plain(cfg.sampling) | {"constrained": job.constrained},
               "seed": cfg.seed}
 
+    if cfg.sampling.backend not in BACKENDS:
+        raise SublimError(f"sampling.backend={cfg.sampling.backend} is not one of: {', '.join(BACKENDS)}")
+    if cfg.sampling.backend == "vllm" and (reason := vllm_sampling.unavailable()):
+        raise SublimError(f"sampling.backend=vllm: {reason}; use sampling.backend=hf")
+
     def compute(out: Path) -> None:
         rows = list(read_jsonl(prompts.path / "prompts.jsonl"))
         for row in rows:
             row["messages"] = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": row["prompt"]}]
-        net, tokenizer = models.load(model, job.teacher)
         sampling = cfg.sampling
         grammar = (lambda row: modalities.grammar(cfg.modality, row)) if job.constrained else None
-        sampler = Sampler(net, tokenizer, temperature=sampling.temperature, top_p=sampling.top_p,
-                          greedy=sampling.greedy, max_new_tokens=sampling.max_new_tokens, seed=cfg.seed,
-                          grammar=grammar)
-        log.info("sampling %d %s teacher answers with %s (constrained=%s)", len(rows), arm, job.teacher.name,
-                 job.constrained)
-        samples = sample_chats(sampler, rows, sampling.batch_size, job.teacher.precision)
+        log.info("sampling %d %s teacher answers with %s (constrained=%s, backend=%s)", len(rows), arm,
+                 job.teacher.name, job.constrained, sampling.backend)
+        if sampling.backend == "vllm":
+            tokenizer = models.load_tokenizer(model, job.teacher)
+            samples = vllm_sampling.sample(*models.locate(model), tokenizer, rows, sampling, job.teacher.dtype,
+                                           cfg.seed, grammar)
+        else:
+            net, tokenizer = models.load(model, job.teacher)
+            sampler = Sampler(net, tokenizer, temperature=sampling.temperature, top_p=sampling.top_p,
+                              greedy=sampling.greedy, max_new_tokens=sampling.max_new_tokens, seed=cfg.seed,
+                              grammar=grammar)
+            samples = sample_chats(sampler, rows, sampling.batch_size, job.teacher.precision)
         for row in samples:
             del row["messages"]
         write_jsonl(out / "samples.jsonl", samples)
