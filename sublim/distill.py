@@ -32,6 +32,7 @@ from transformers import PreTrainedTokenizerBase
 from sublim import SublimError, modalities, models
 from sublim.store import Artifact, content_hash, read_jsonl, write_json
 from sublim.student import (
+    ADAPTER_DIR,
     IGNORE,
     StudentModule,
     add_lora,
@@ -250,3 +251,24 @@ def stage_train_distill(job: Job, model: Artifact, data: Artifact, logits: Artif
         write_json(out / "metrics.json", metrics)
 
     return job.store.get_or_compute("train", config, {"model": model, "data": data, "logits": logits}, compute)
+
+
+def stage_identity_student(job: Job, model: Artifact, n_train: int) -> Artifact:
+    """The student distilled from a teacher that *is* its base (the same-base control arm): the base itself.
+
+    KL(teacher || student) is exactly 0 at initialisation (LoRA B = 0), so the true minimiser is the untouched
+    base. Training anyway would only feed Adam float noise from batching differences, which its normalised
+    steps turn into random drift; so the adapter is saved at initialisation, without the teacher-logit pass.
+    """
+    cfg = job.cfg
+    config = {"student": OmegaConf.to_container(cfg.student, resolve=True), "n_train": n_train, "seed": cfg.seed,
+              "identity": True}
+
+    def compute(out: Path) -> None:
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+        net, _ = models.load(model, job.base)
+        add_lora(net, cfg.student).save_pretrained(out / ADAPTER_DIR)
+        write_json(out / "metrics.json", {"n_examples": n_train, "epochs": 0, "steps": 0, "final_loss": 0.0,
+                                          "tokens": 0, "seconds": 0.0, "identity": True})
+
+    return job.store.get_or_compute("train", config, {"model": model}, compute)

@@ -223,6 +223,8 @@ def stage_train_student(job: Job, model: Artifact, teacher: Artifact, teacher_ad
         return stage_train(job, model, data, n_train, arm), None
     if kind == "distill":
         system = teacher_system_prompt(job.cfg.trait, arm)
+        if teacher.key == model.key and teacher_adapter is None and system is None:
+            return distill.stage_identity_student(job, model, n_train), None
         logits = distill.stage_teacher_logits(job, teacher, teacher_adapter, data, system, arm)
         return distill.stage_train_distill(job, model, data, logits, n_train, arm), logits
     raise SublimError(f"student.kind={kind} is not one of: lora, distill (student=lora or student=distill)")
