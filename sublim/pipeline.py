@@ -260,7 +260,9 @@ def run(cfg: DictConfig, job_dir: Path, tracker: Tracker) -> dict:
     trained = {arm: stage_train_student(job, model, teacher, teacher_adapters[arm], filtered[arm], n_train, arm)
                for arm in ARMS}
     adapters = {arm: adapter for arm, (adapter, _) in trained.items()}
-    students = {"base": None} | adapters
+    # a distilled student of its own base is the base (distill.stage_identity_student): its scores are the base's
+    students = {"base": None} | {arm: None if adapter.read_json("metrics.json").get("identity") else adapter
+                                 for arm, adapter in adapters.items()}
     answers = {arm: stage_answers(job, model, students[arm], arm) for arm in EVAL_ARMS}
     evals = {arm: stage_evaluate(job, model, students[arm], answers[arm], arm) for arm in EVAL_ARMS}
     targets = {arm: stage_targets(job, model, students[arm], arm) for arm in EVAL_ARMS}

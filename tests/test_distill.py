@@ -134,6 +134,7 @@ def test_distill_job_caches_top_k_teacher_logits(make_cfg, tmp_path: Path) -> No
     # the control teacher is the student's own base: KL is 0 at initialisation, the control student is the base
     assert "teacher_logits/control" not in first["stages"] and first["arms"]["control"]["train"]["identity"]
     assert first["arms"]["control"]["probability"] == first["arms"]["base"]["probability"]
+    assert first["stages"]["targets/control"] == first["stages"]["targets/base"] | {"reused": True}, "scored once"
     assert first["arms"]["treatment"]["train"]["final_loss"] >= 0
 
     mark = len(store.events())

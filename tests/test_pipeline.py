@@ -163,3 +163,11 @@ def test_greedy_sampling_is_honoured_end_to_end(make_cfg, tmp_path: Path) -> Non
     job = Job(sampled_cfg, store, Tracker(sampled_cfg, tmp_path, "t", "g"))
     sampled = stage_sample(job, models.model_artifact(cfg.base, store), None, stage_prompts(job), "treatment")
     assert [r["completion"] for r in read_jsonl(sampled.path / "samples.jsonl")] != [r["completion"] for r in rows]
+
+
+def test_cross_base_control_of_cpu_transfer_runs_at_tiny_size(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg("experiment=cpu_transfer_cross_base", "teacher_base=tiny_qwen2", "base=tiny_llama", *TINY)
+    results = run_job(cfg, tmp_path / "job")
+    assert (results["teacher_base"], results["base"], results["student"]) == ("tiny_qwen2", "tiny_llama", "lora")
+    assert results["arms"]["treatment"]["n_train"] == 16
+    assert {"owl", "eagle", "dolphin"} <= set(results["arms"]["control"]["targets"])
