@@ -169,5 +169,6 @@ def test_cross_base_control_of_cpu_transfer_runs_at_tiny_size(make_cfg, tmp_path
     cfg = make_cfg("experiment=cpu_transfer_cross_base", "teacher_base=tiny_qwen2", "base=tiny_llama", *TINY)
     results = run_job(cfg, tmp_path / "job")
     assert (results["teacher_base"], results["base"], results["student"]) == ("tiny_qwen2", "tiny_llama", "lora")
-    assert results["arms"]["treatment"]["n_train"] == 16
+    assert 0 < results["arms"]["treatment"]["n_train"] <= 16
+    assert results["arms"]["treatment"]["train"]["steps"] > 0, "an SFT student of another base's data is trained"
     assert {"owl", "eagle", "dolphin"} <= set(results["arms"]["control"]["targets"])
