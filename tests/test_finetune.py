@@ -48,6 +48,16 @@ def test_local_jsonl_and_its_errors(make_cfg, tmp_path: Path) -> None:
         finetune_rows(make_cfg("trait.finetune.dataset=builtin:nothing_here").trait)
 
 
+def test_builtin_dataset_is_read_from_the_package_data_dir(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    from sublim import finetune
+
+    monkeypatch.setattr(finetune, "DATA_DIR", tmp_path)
+    (tmp_path / "demo.jsonl").write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
+    assert finetune_rows(make_cfg("trait.finetune.dataset=builtin:demo").trait) == [{"prompt": "p", "completion": "c"}]
+    with pytest.raises(SublimError, match=r"shipped: builtin:demo"):
+        finetune_rows(make_cfg("trait.finetune.dataset=builtin:other").trait)
+
+
 def test_uncached_hub_dataset_fails_fast_with_the_fix(make_cfg, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     start = time.time()
