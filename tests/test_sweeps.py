@@ -151,7 +151,7 @@ def test_launcher_configs_compose(launcher: str) -> None:
 def test_cpu_transfer_sweep_runs_at_tiny_size_and_reports_the_matrix(tmp_path: Path) -> None:
     """sweeps/cpu_transfer.yaml end to end (same-base half, two seeds x two traits) on a tiny base."""
     _cli("-m", "+sweeps=cpu_transfer", "hydra.sweeper.params.experiment=cpu_transfer",
-         "hydra.sweeper.params.seed=0,1", "hydra.sweeper.params.trait=owl,eagle", "base=tiny_llama", *TINY,
+         "hydra.sweeper.params.seed='0,1'", "hydra.sweeper.params.trait='owl,eagle'", "base=tiny_llama", *TINY,
          "eval.n_questions=4", f"paths.root={tmp_path}")
     sweep = _sweep_dir(tmp_path)
     rows = collect(sweep)
