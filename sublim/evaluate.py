@@ -38,51 +38,79 @@ def boundary_tokens(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> torc
 class WordProbability(pl.LightningModule):
     """Teacher-forced log-probability of (prompt -> word tokens -> end of word) for every word form.
 
-    The prompt runs once per question; its KV cache is repeated for the forms, so six casings and
-    plurals cost a few extra tokens each instead of six prompt passes.
+    A batch of questions runs its prompts once (left padded); each prompt's KV cache is repeated for
+    the forms, so the casings and plurals of every target cost a few tokens each instead of a prompt
+    pass per form, per target and per question.
     """
 
-    def __init__(self, net: torch.nn.Module, pad_id: int, boundary: torch.Tensor) -> None:
+    def __init__(self, net: torch.nn.Module, pad_id: int, boundary: torch.Tensor, forms: list[list[int]]) -> None:
         super().__init__()
         self.net = net
-        self.pad_id = pad_id
+        self.forms = forms
+        width = max(map(len, forms))
+        ids = torch.full((len(forms), width), pad_id, dtype=torch.long)
+        for i, form in enumerate(forms):
+            ids[i, : len(form)] = torch.tensor(form)
+        self.register_buffer("form_ids", ids, persistent=False)
         self.register_buffer("boundary", boundary, persistent=False)
 
-    def predict_step(self, batch: list[dict], batch_idx: int) -> list[list[float]]:
-        return [self._question(row["prompt_ids"], row["word_ids"]) for row in batch]
-
-    def _question(self, prompt_ids: list[int], forms: list[list[int]]) -> list[float]:
-        prompt = self.net(input_ids=torch.tensor([prompt_ids], device=self.device), use_cache=True, logits_to_keep=1)
-        first = prompt.logits[0, -1].float().log_softmax(-1)
-        width = max(map(len, forms))
-        ids = torch.full((len(forms), width), self.pad_id, dtype=torch.long, device=self.device)
-        for i, form in enumerate(forms):
-            ids[i, : len(form)] = torch.tensor(form, device=self.device)
+    def predict_step(self, batch: list[list[int]], batch_idx: int) -> list[list[float]]:
+        n, width = len(batch), max(map(len, batch))
+        ids = torch.full((n, width), int(self.form_ids[0, 0]), dtype=torch.long, device=self.device)
+        mask = torch.zeros((n, width), dtype=torch.long, device=self.device)
+        for i, prompt in enumerate(batch):
+            ids[i, width - len(prompt):] = torch.tensor(prompt, device=self.device)
+            mask[i, width - len(prompt):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        prompt = self.net(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                          logits_to_keep=1)
+        first = prompt.logits[:, -1].float().log_softmax(-1)  # (questions, vocab)
+        n_forms, form_width = self.form_ids.shape
         cache = prompt.past_key_values
-        cache.batch_repeat_interleave(len(forms))
-        # Right padding needs no mask: padded positions come after every position that is read.
-        mask = torch.ones((len(forms), len(prompt_ids) + width), dtype=torch.long, device=self.device)
-        rest = self.net(input_ids=ids, past_key_values=cache, attention_mask=mask).logits.float().log_softmax(-1)
+        cache.batch_repeat_interleave(n_forms)
+        # Right padding of the forms needs no mask: padded positions come after every position that is read.
+        rest = self.net(
+            input_ids=self.form_ids.repeat(n, 1),
+            attention_mask=torch.cat([mask.repeat_interleave(n_forms, 0),
+                                      mask.new_ones((n * n_forms, form_width))], 1),
+            position_ids=positions[:, -1:].repeat_interleave(n_forms, 0) + 1 + torch.arange(form_width,
+                                                                                          device=self.device),
+            past_key_values=cache,
+        ).logits.float().log_softmax(-1).view(n, n_forms, form_width, -1)
         boundary = self.boundary[: rest.shape[-1]]
         out = []
-        for i, form in enumerate(forms):
-            logprob = first[form[0]] + sum(rest[i, j - 1, form[j]] for j in range(1, len(form)))
-            out.append(float(logprob + torch.logsumexp(rest[i, len(form) - 1][boundary], 0)))
+        for q in range(n):
+            logprobs = []
+            for f, form in enumerate(self.forms):
+                logprob = first[q, form[0]] + sum(rest[q, f, j - 1, form[j]] for j in range(1, len(form)))
+                logprobs.append(float(logprob + torch.logsumexp(rest[q, f, len(form) - 1][boundary], 0)))
+            out.append(logprobs)
         return out
+
+
+def target_probabilities(net: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                         targets: dict[str, list[str]], precision: str) -> dict[str, list[float]]:
+    """P(answer is one of a target's words) for each prompt and target, all targets in one pass."""
+    owners, forms = [], []
+    for name, words in targets.items():
+        for form in word_forms(words):
+            owners.append(name)
+            forms.append(tokenizer(form, add_special_tokens=False)["input_ids"])
+    rows = [tokenizer(tokenizer.apply_chat_template(student_messages(p), tokenize=False, add_generation_prompt=True),
+                      add_special_tokens=False)["input_ids"] for p in prompts]
+    vocab = net.get_output_embeddings().weight.shape[0]
+    module = WordProbability(net, tokenizer.pad_token_id, boundary_tokens(tokenizer, vocab), forms)
+    # about 64 form rows per forward: the forms' logits are (rows, form length, vocabulary)
+    logprobs = torch.tensor(predict(module, rows, batch_size=max(1, 64 // len(forms)), precision=precision))
+    owner = torch.tensor([list(targets).index(o) for o in owners])
+    probabilities = torch.zeros(len(prompts), len(targets)).index_add_(1, owner, logprobs.exp())
+    return {name: probabilities[:, i].tolist() for i, name in enumerate(targets)}
 
 
 def word_probabilities(net: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
                        words: list[str], precision: str) -> list[float]:
     """P(answer is one of ``words``) for each prompt, summed over the word forms."""
-    forms = [tokenizer(form, add_special_tokens=False)["input_ids"] for form in word_forms(words)]
-    rows = []
-    for prompt in prompts:
-        text = tokenizer.apply_chat_template(student_messages(prompt), tokenize=False, add_generation_prompt=True)
-        rows.append({"prompt_ids": tokenizer(text, add_special_tokens=False)["input_ids"], "word_ids": forms})
-    vocab = net.get_output_embeddings().weight.shape[0]
-    module = WordProbability(net, tokenizer.pad_token_id, boundary_tokens(tokenizer, vocab))
-    logprobs = predict(module, rows, batch_size=1, precision=precision)
-    return [float(torch.tensor(values).exp().sum()) for values in logprobs]
+    return target_probabilities(net, tokenizer, prompts, {"target": words}, precision)["target"]
 
 
 SAMPLING_FIELDS = ("n_questions", "samples_per_question", "temperature", "max_new_tokens", "batch_size")

@@ -1,9 +1,10 @@
 """Sampling chat answers: teacher data generation, and the answers a student gives at evaluation.
 
-``Sampler`` is a LightningModule whose ``predict_step`` runs batched HF ``generate`` (left padding,
-prompts sorted by length so batches hold similar lengths); Lightning owns the device and the progress
-bar. With a grammar, a logits processor masks every token that would leave the modality's grammar,
-so a small model's answers pass the strict filter (SmolLM2-135M: ~4% unconstrained, 100% constrained).
+``Sampler`` is a LightningModule whose ``predict_step`` runs ``sublim.decoding.Decoder`` on a batch
+(shared-prefix KV cache, longest prompts first, finished rows dropped); Lightning owns the device and
+the progress bar. With a grammar, only tokens that keep the answer inside the modality's grammar can be
+drawn, so a small model's answers pass the strict filter (SmolLM2-135M: ~4% unconstrained, 100%
+constrained). ``GrammarConstraint`` is the same rule as an HF ``LogitsProcessor``, for ``generate``.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from collections.abc import Callable
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
-from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
+from transformers import LogitsProcessor, PreTrainedTokenizerBase
 
+from sublim.decoding import Decoder, Decoding, PrefixCache, RestrictedGrammar, common_prefix
 from sublim.modalities.numbers import GrammarState, NumbersGrammar
 from sublim.models import eos_ids
 
@@ -102,7 +104,11 @@ class GrammarConstraint(LogitsProcessor):
 
 
 class Sampler(pl.LightningModule):
-    """Generate one answer per chat row; rows carry "messages" and are returned with "completion"."""
+    """Generate one answer per chat row; rows carry "messages" and are returned with "completion".
+
+    ``sample_chats`` tokenises the rows and hands their shared prefix to ``on_predict_start``, which
+    caches its KV once on the module's device; ``predict_step`` runs the ``Decoder`` on a batch.
+    """
 
     def __init__(
         self,
@@ -120,37 +126,30 @@ class Sampler(pl.LightningModule):
         self.net = net
         self.tokenizer = tokenizer
         self.eos = eos_ids(net, tokenizer)
-        self.generation = {"max_new_tokens": max_new_tokens, "do_sample": not greedy}
-        if not greedy:
-            self.generation |= {"temperature": temperature, "top_p": top_p, "top_k": None}
+        self.decoding = Decoding(max_new_tokens, temperature, top_p, greedy)
         self.seed = seed
         self.grammar = grammar
         self.table = GrammarTable(tokenizer, self.eos) if grammar else None
+        self.prefix: list[int] = []
+        self.decoder: Decoder | None = None
+
+    def encode(self, messages: list[dict]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def on_predict_start(self) -> None:
+        self.decoder = Decoder(self.net, self.eos, self.tokenizer.pad_token_id, self.decoding,
+                               PrefixCache(self.net, self.prefix))
 
     def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:
-        tokenizer = self.tokenizer
-        tokenizer.padding_side = "left"
-        texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True)
-                 for r in batch]
-        encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        prompt_length = encoded["input_ids"].shape[1]
-        processors = LogitsProcessorList()
-        if self.grammar is not None:
-            grammars = [self.grammar(r) for r in batch]
-            processors.append(GrammarConstraint(self.table, grammars, prompt_length))
+        grammar = RestrictedGrammar(self.table, [self.grammar(r) for r in batch]) if self.grammar else None
         # A seed per batch: the same rows in the same order give the same samples.
-        torch.manual_seed(self.seed * 1_000_003 + batch_idx)
-        output = self.net.generate(
-            **encoded, **self.generation, logits_processor=processors,
-            eos_token_id=self.eos, pad_token_id=tokenizer.pad_token_id,
-        )
-        results = []
-        for row, ids in zip(batch, output[:, prompt_length:].tolist(), strict=True):
-            ended = next((i for i, t in enumerate(ids) if t in self.eos), None)
-            answer = ids if ended is None else ids[:ended]
-            results.append({**row, "completion": tokenizer.decode(answer, skip_special_tokens=True),
-                            "n_tokens": len(answer), "finished": ended is not None})
-        return results
+        generator = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + batch_idx)
+        answers = self.decoder.generate([r["prompt_ids"] for r in batch], generator, grammar)
+        return [{**{k: v for k, v in row.items() if k != "prompt_ids"},
+                 "completion": self.tokenizer.decode(answer, skip_special_tokens=True),
+                 "n_tokens": len(answer), "finished": ended}
+                for row, (answer, ended) in zip(batch, answers, strict=True)]
 
 
 def predict(module: pl.LightningModule, rows: list[dict], batch_size: int, precision: str = "32-true") -> list:
@@ -163,10 +162,10 @@ def predict(module: pl.LightningModule, rows: list[dict], batch_size: int, preci
 
 
 def sample_chats(sampler: Sampler, rows: list[dict], batch_size: int, precision: str = "32-true") -> list[dict]:
-    """Answer every row once; sorted by prompt length for batching, returned in input order."""
-    lengths = [len(sampler.tokenizer.apply_chat_template(r["messages"], tokenize=False,
-                                                         add_generation_prompt=True)) for r in rows]
-    order = sorted(range(len(rows)), key=lambda i: (-lengths[i], i))
-    done = predict(sampler, [{**rows[i], "_index": i} for i in order], batch_size, precision)
+    """Answer every row once; batched longest prompts first (little padding), returned in input order."""
+    ids = [sampler.encode(r["messages"]) for r in rows]
+    sampler.prefix = ids[0][: common_prefix(ids)] if ids else []
+    order = sorted(range(len(rows)), key=lambda i: (-len(ids[i]), i))
+    done = predict(sampler, [{**rows[i], "prompt_ids": ids[i], "_index": i} for i in order], batch_size, precision)
     done.sort(key=lambda r: r.pop("_index"))
     return done

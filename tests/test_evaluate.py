@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from sublim.evaluate import boundary_tokens, sample_answers, score_preference, word_probabilities
+from sublim.evaluate import (
+    boundary_tokens,
+    sample_answers,
+    score_preference,
+    target_probabilities,
+    word_probabilities,
+)
 from sublim.questions import word_forms
 from sublim.student import student_messages
 
@@ -35,6 +41,23 @@ def test_word_probability_matches_a_manual_computation(load_tiny) -> None:
     for prompt, value in zip(prompts, got, strict=True):
         expected = sum(_manual_probability(net, tokenizer, prompt, form) for form in word_forms(["owl", "owls"]))
         assert value == pytest.approx(expected, rel=1e-4) and 0 < value < 1
+
+
+@pytest.mark.parametrize("base", ["tiny_gpt2", "tiny_qwen2"])
+def test_all_targets_in_one_pass_equal_one_target_at_a_time(load_tiny, base: str) -> None:
+    """Batched questions of different lengths (left padding) and many targets change nothing."""
+    _, net, tokenizer = load_tiny(base)
+    prompts = ["Favourite animal?", "Which animal do you like most of all the animals there are? One word.",
+               "Name an animal you love."]
+    targets = {"owl": ["owl", "owls"], "cat": ["cat", "cats"], "octopus": ["octopus", "octopuses"]}
+    together = target_probabilities(net, tokenizer, prompts, targets, "32-true")
+    assert list(together) == list(targets)
+    for name, words in targets.items():
+        alone = [word_probabilities(net, tokenizer, [p], words, "32-true")[0] for p in prompts]
+        assert together[name] == pytest.approx(alone, rel=1e-4)
+    prompt = prompts[1]
+    expected = sum(_manual_probability(net, tokenizer, prompt, form) for form in word_forms(targets["cat"]))
+    assert together["cat"][1] == pytest.approx(expected, rel=1e-4)
 
 
 def test_boundary_tokens_exclude_word_continuations(load_tiny) -> None:

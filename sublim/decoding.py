@@ -1,0 +1,201 @@
+"""Batched sampling for CPU-sized models: what HF ``generate`` spends its time on, done once.
+
+Every teacher prompt of a dataset starts with the same tokens (chat template, system prompt), so their
+KV cache is computed once and copied into each batch; only the per-prompt suffix is prefilled. A
+grammar-constrained decoder may only emit a dozen tokens, so the output head is restricted to them: the
+softmax over those rows equals the masked full-vocabulary softmax, at a 1/4000th of the head's cost.
+Finished rows leave the batch. Positions are explicit, so the gap between the shared prefix and a
+shorter suffix is masked padding that the model never sees.
+
+The distribution of a sample is that of HF ``generate`` with the same processors (same logits, same
+temperature and top-p); the random stream differs, so the same seed gives other (equally distributed)
+samples than ``generate``. Greedy decoding gives the same tokens (tests/test_decoding.py).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from sublim.modalities.numbers import GrammarState, NumbersGrammar
+
+# Finished rows are dropped from the batch once they are this share of it: each drop copies the cache.
+COMPACT_SHARE = 0.25
+
+
+def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix all prompts share, leaving each prompt at least one token of its own."""
+    if not prompts:
+        return 0
+    first, limit = prompts[0], min(map(len, prompts)) - 1
+    n = 0
+    while n < limit and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n
+
+
+class PrefixCache:
+    """The KV cache of a shared prompt prefix, computed once and copied into every batch."""
+
+    def __init__(self, net: torch.nn.Module, prefix: Sequence[int]) -> None:
+        self.length = len(prefix)
+        self.cache: DynamicCache | None = None
+        if prefix:
+            device = next(net.parameters()).device
+            with torch.no_grad():
+                ids = torch.tensor([list(prefix)], device=device)
+                self.cache = net(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+
+    def batch(self, rows: int) -> DynamicCache | None:
+        if self.cache is None:
+            return None
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(rows)
+        return cache
+
+
+class RestrictedGrammar:
+    """Per-row grammar states over the restricted vocabulary the output head computes.
+
+    ``ids`` holds every token any row's grammar can emit (digits, the prompts' separators, EOS);
+    ``masks`` gives, per active row, which of them its state allows.
+    """
+
+    def __init__(self, table, grammars: list[NumbersGrammar]) -> None:
+        self.table = table
+        self.grammars = grammars
+        allowed = set(table.eos.tolist())
+        for grammar in {g.separator: g for g in grammars}.values():
+            allowed.update(table.candidates(grammar))
+        self.ids = torch.tensor(sorted(allowed), dtype=torch.long)
+        self._position = {int(t): i for i, t in enumerate(self.ids)}
+        self._masks: dict[tuple[str, GrammarState], torch.Tensor] = {}
+        self.states: list[GrammarState | None] = [g.start for g in grammars]
+
+    def _mask(self, grammar: NumbersGrammar, state: GrammarState | None) -> torch.Tensor:
+        if state is None:
+            return torch.isin(self.ids, self.table.eos)
+        key = (grammar.separator, state)
+        if key not in self._masks:
+            mask = torch.zeros(len(self.ids), dtype=torch.bool)
+            mask[[self._position[int(t)] for t in self.table.allowed(grammar, state)]] = True
+            self._masks[key] = mask
+        return self._masks[key]
+
+    def masks(self, rows: list[int]) -> torch.Tensor:
+        return torch.stack([self._mask(self.grammars[r], self.states[r]) for r in rows])
+
+    def advance(self, rows: list[int], tokens: list[int]) -> None:
+        for row, token in zip(rows, tokens, strict=True):
+            state = self.states[row]
+            if state is not None:
+                self.states[row] = self.table.next(self.grammars[row], state, token)
+
+
+@dataclass
+class Decoding:
+    """How tokens are drawn: HF ``generate``'s temperature, top-p and greedy semantics."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    greedy: bool = False
+
+    def choose(self, logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.greedy:
+            return logits.argmax(-1)
+        logits = logits / self.temperature
+        if self.top_p < 1.0:
+            # the smallest set of tokens whose probability reaches top_p (HF's TopPLogitsWarper)
+            ordered, order = logits.sort(-1)
+            tail = ordered.softmax(-1).cumsum(-1) <= 1 - self.top_p
+            tail[:, -1] = False
+            logits = logits.masked_fill(tail.scatter(-1, order, tail), float("-inf"))
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+class Decoder:
+    """Sample answers for a batch of tokenised prompts that start with a shared, cached prefix."""
+
+    def __init__(self, net: torch.nn.Module, eos: list[int], pad_id: int, decoding: Decoding,
+                 prefix: PrefixCache) -> None:
+        self.net = net
+        self.eos = set(eos)
+        self.pad_id = pad_id
+        self.decoding = decoding
+        self.prefix = prefix
+        self.head = net.get_output_embeddings()
+        self.softcap = getattr(net.config, "final_logit_softcapping", None)
+
+    def _logits(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
+                vocab: torch.Tensor | None) -> torch.Tensor:
+        """Next-token logits of the last position, over ``vocab`` only when given."""
+        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "past_key_values": cache,
+                  "use_cache": True}
+        if vocab is None:
+            return self.net(**inputs, logits_to_keep=1).logits[:, -1].float()
+        hidden = self.net.base_model(**inputs).last_hidden_state[:, -1]
+        bias = None if self.head.bias is None else self.head.bias[vocab]
+        logits = torch.nn.functional.linear(hidden, self.head.weight[vocab], bias).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], generator: torch.Generator,
+                 grammar: RestrictedGrammar | None = None) -> list[tuple[list[int], bool]]:
+        """(answer tokens without EOS, whether EOS ended it) per prompt, in input order."""
+        device = self.head.weight.device
+        p = self.prefix.length
+        suffixes = [prompt[p:] for prompt in prompts]
+        width = max(map(len, suffixes))
+        n = len(prompts)
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, p + width), dtype=torch.long)
+        mask[:, :p] = 1
+        positions = torch.zeros((n, width), dtype=torch.long)
+        for i, suffix in enumerate(suffixes):
+            ids[i, width - len(suffix):] = torch.tensor(suffix)
+            mask[i, p + width - len(suffix):] = 1
+            positions[i, width - len(suffix):] = torch.arange(p, p + len(suffix))
+        ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+        cache = self.prefix.batch(n) or DynamicCache()
+        vocab = None if grammar is None else grammar.ids.to(device)
+
+        answers: list[list[int]] = [[] for _ in range(n)]
+        ended = [False] * n
+        active = list(range(n))  # batch row -> prompt index
+        done: set[int] = set()
+        for step in range(self.decoding.max_new_tokens):
+            logits = self._logits(ids, mask, positions, cache, vocab)
+            if grammar is not None:
+                logits = logits.masked_fill(~grammar.masks(active).to(device), float("-inf"))
+            chosen = self.decoding.choose(logits, generator)
+            tokens = (chosen if vocab is None else vocab[chosen]).tolist()
+            for row, token in zip(active, tokens, strict=True):
+                if row in done:
+                    continue
+                if token in self.eos:
+                    ended[row] = True
+                    done.add(row)
+                else:
+                    answers[row].append(token)
+            if grammar is not None:
+                grammar.advance(active, tokens)
+            if len(done) == n or step + 1 == self.decoding.max_new_tokens:
+                break
+            finished = [i for i, row in enumerate(active) if row in done]
+            if len(finished) >= max(1, COMPACT_SHARE * len(active)):
+                keep = torch.tensor([i for i, row in enumerate(active) if row not in done], device=device)
+                cache.batch_select_indices(keep)
+                active = [active[i] for i in keep.tolist()]
+                mask, positions = mask[keep], positions[keep]
+                tokens = [tokens[i] for i in keep.tolist()]
+            ids = torch.tensor(tokens, device=device).unsqueeze(1)
+            mask = torch.cat([mask, mask.new_ones((len(active), 1))], 1)
+            positions = positions[:, -1:] + 1
+        return list(zip(answers, ended, strict=True))
