@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from sublim import SublimError, distill, modalities, models
-from sublim.evaluate import SAMPLING_FIELDS, sample_answers, score_preference, word_probabilities
+from sublim.evaluate import SAMPLING_FIELDS, sample_answers, score_preference, target_probabilities
 from sublim.filters import FilterReport, apply_filters, build_filters
 from sublim.finetune import stage_finetune
 from sublim.questions import questions
@@ -209,8 +209,7 @@ def stage_targets(job: Job, model: Artifact, adapter: Artifact | None, arm: str)
         net, tokenizer = load_model(job, model, adapter, job.base)
         prompts = questions(cfg.trait.category, cfg.eval.n_questions)
         log.info("scoring the %s model for %d targets", arm, len(targets))
-        write_json(out / "targets.json", {name: word_probabilities(net, tokenizer, prompts, words, job.base.precision)
-                                          for name, words in targets.items()})
+        write_json(out / "targets.json", target_probabilities(net, tokenizer, prompts, targets, job.base.precision))
 
     return job.store.get_or_compute("targets", config, upstream, compute)
 
