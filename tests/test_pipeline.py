@@ -74,8 +74,9 @@ def test_a_second_trait_reuses_the_control_arm(make_cfg, tmp_path: Path) -> None
     mark = len(store.events())
     eagle = run_job(make_cfg("base=tiny_qwen2", "trait=eagle", *TINY), tmp_path / "eagle")
     recomputed = {stage for stage, _ in _computed(store, mark)}
-    assert recomputed == {"sample", "filter", "train", "answers", "evaluate"}
-    for name in ("sample/control", "filter/control", "train/control", "answers/base", "answers/control"):
+    assert recomputed == {"sample", "filter", "train", "answers", "evaluate", "targets"}
+    for name in ("sample/control", "filter/control", "train/control", "answers/base", "answers/control",
+                 "targets/base", "targets/control"):
         assert eagle["stages"][name] == {"key": first["stages"][name]["key"], "reused": True}
     assert eagle["stages"]["sample/treatment"]["key"] != first["stages"]["sample/treatment"]["key"]
 
