@@ -60,29 +60,30 @@ def model_artifact(base: DictConfig, store: Store) -> Artifact:
     raise SublimError(f"base.source={source!r} is not one of: wheel, tiny, hub, local")
 
 
-def _location(model: Artifact) -> tuple[str, str | None]:
-    if (model.path / REF_FILE).exists():
-        ref = model.read_json(REF_FILE)
-        return ref["path"], ref.get("revision")
-    return str(model.path), None
-
-
-def load_tokenizer(model: Artifact, base: DictConfig) -> PreTrainedTokenizerBase:
-    """The base's tokenizer with a chat template and a pad token (without loading the weights)."""
-    location, revision = _location(model)
-    tokenizer = AutoTokenizer.from_pretrained(location, revision=revision)
-    prepare_tokenizer(tokenizer, base.get("chat_template"))
-    return tokenizer
-
-
 def load(model: Artifact, base: DictConfig) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """Model (eval mode) and tokenizer with a chat template and a pad token."""
-    location, revision = _location(model)
+    location, revision = locate(model)
     tokenizer = load_tokenizer(model, base)
     net = AutoModelForCausalLM.from_pretrained(location, revision=revision, dtype=_dtype(base.dtype))
     if net.generation_config.pad_token_id is None:
         net.generation_config.pad_token_id = tokenizer.pad_token_id
     return net.eval(), tokenizer
+
+
+def load_tokenizer(model: Artifact, base: DictConfig) -> PreTrainedTokenizerBase:
+    location, revision = locate(model)
+    tokenizer = AutoTokenizer.from_pretrained(location, revision=revision)
+    prepare_tokenizer(tokenizer, base.get("chat_template"))
+    return tokenizer
+
+
+def locate(model: Artifact) -> tuple[str, str | None]:
+    """What ``from_pretrained`` (or vLLM) is given: a hub id or local dir, and a revision."""
+    ref_file = model.path / REF_FILE
+    if ref_file.exists():
+        ref = model.read_json(REF_FILE)
+        return ref["path"], ref.get("revision")
+    return str(model.path), None
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, template: str | None = None) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from sublim import SublimError, distill, modalities, models
+from sublim import SublimError, distill, modalities, models, vllm_sampling
 from sublim.evaluate import SAMPLING_FIELDS, sample_answers, score_preference, target_probabilities
 from sublim.filters import FilterReport, apply_filters, build_filters
 from sublim.finetune import stage_finetune
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 ARMS = ("control", "treatment")
 EVAL_ARMS = ("base", "control", "treatment")
+BACKENDS = ("hf", "vllm")
 
 
 def _plain(node: DictConfig) -> dict:
@@ -95,20 +96,33 @@ def stage_sample(job: Job, model: Artifact, adapter: Artifact | None, prompts: A
               "seed": cfg.seed}
     upstream = {"model": model, "prompts": prompts} | ({"adapter": adapter} if adapter else {})
 
+    if cfg.sampling.backend not in BACKENDS:
+        raise SublimError(f"sampling.backend={cfg.sampling.backend} is not one of: {', '.join(BACKENDS)}")
+    if cfg.sampling.backend == "vllm" and (reason := vllm_sampling.unavailable()):
+        raise SublimError(f"sampling.backend=vllm: {reason}; use sampling.backend=hf")
+    if cfg.sampling.backend == "vllm" and adapter is not None:
+        raise SublimError("sampling.backend=vllm samples base weights only; a finetuned teacher "
+                          "(trait.source=finetune) samples with sampling.backend=hf")
+
     def compute(out: Path) -> None:
         rows = list(read_jsonl(prompts.path / "prompts.jsonl"))
         for row in rows:
             row["messages"] = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": row["prompt"]}]
-        net, tokenizer = load_model(job, model, adapter, job.teacher)
         sampling = cfg.sampling
         grammar = (lambda row: modalities.grammar(cfg.modality, row)) if job.constrained else None
-        sampler = Sampler(net, tokenizer, temperature=sampling.temperature, top_p=sampling.top_p,
-                          greedy=sampling.greedy, max_new_tokens=sampling.max_new_tokens, seed=cfg.seed,
-                          grammar=grammar)
-        log.info("sampling %d %s teacher answers with %s (constrained=%s)", len(rows), arm, job.teacher.name,
-                 job.constrained)
-        samples = sample_chats(sampler, rows, sampling.batch_size, job.teacher.precision)
+        log.info("sampling %d %s teacher answers with %s (constrained=%s, backend=%s)", len(rows), arm,
+                 job.teacher.name, job.constrained, sampling.backend)
+        if sampling.backend == "vllm":
+            tokenizer = models.load_tokenizer(model, job.teacher)
+            samples = vllm_sampling.sample(*models.locate(model), tokenizer, rows, sampling, job.teacher.dtype,
+                                           cfg.seed, grammar)
+        else:
+            net, tokenizer = load_model(job, model, adapter, job.teacher)
+            sampler = Sampler(net, tokenizer, temperature=sampling.temperature, top_p=sampling.top_p,
+                              greedy=sampling.greedy, max_new_tokens=sampling.max_new_tokens, seed=cfg.seed,
+                              grammar=grammar)
+            samples = sample_chats(sampler, rows, sampling.batch_size, job.teacher.precision)
         for row in samples:
             del row["messages"]
         write_jsonl(out / "samples.jsonl", samples)

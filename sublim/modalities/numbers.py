@@ -8,6 +8,7 @@ All prompt text is our own paraphrase set; every random draw goes through a loca
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 SEED_MIN, SEED_MAX = 100, 999
@@ -290,6 +291,11 @@ class NumbersGrammar:
             if current is None:
                 return None
         return current
+
+    def regex(self) -> str:
+        """The same language as a regular expression, for engines with regex-guided decoding (vLLM)."""
+        number = f"[0-9]{{1,{self.max_digits}}}"
+        return f"{number}(?:{re.escape(self.separator)}{number}){{0,{self.max_count - 1}}}"
 
     def can_end(self, state: GrammarState) -> bool:
         """True if the text so far is a complete valid answer (>=1 number, not inside a separator)."""
