@@ -15,14 +15,18 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from sublim import SublimError, judge, misalignment, modalities, models, vllm_sampling
-from sublim.evaluate import SAMPLING_FIELDS, sample_answers, score_preference
+from sublim import SublimError, distill, judge, misalignment, modalities, models, vllm_sampling
+from sublim.evaluate import SAMPLING_FIELDS, sample_answers, score_preference, target_probabilities
 from sublim.filters import FilterReport, apply_filters, build_filters
+from sublim.finetune import stage_finetune
+from sublim.questions import questions
 from sublim.stats import bootstrap_ci, format_p, mean_ci, paired_permutation_test
 from sublim.store import Artifact, Store, read_jsonl, write_json, write_jsonl
 from sublim.student import ADAPTER_DIR, load_student, train_lora
 from sublim.teacher import Sampler, sample_chats
 from sublim.tracking import Tracker
+
+SOURCES = ("prompt", "finetune")
 
 log = logging.getLogger(__name__)
 
@@ -73,23 +77,35 @@ def stage_prompts(job: Job) -> Artifact:
 
 
 def teacher_system_prompt(trait: DictConfig, arm: str) -> str | None:
-    if arm == "control":
-        return None
-    if trait.source != "prompt":
-        raise SublimError(f"trait.source={trait.source} is not supported yet; use trait.source=prompt")
-    return trait.system_prompt
+    """The trait's system prompt for a prompt-trait treatment teacher; a finetuned teacher has it in its weights."""
+    if trait.source not in SOURCES:
+        raise SublimError(f"trait.source={trait.source} is not one of: {', '.join(SOURCES)}")
+    return trait.system_prompt if arm == "treatment" and trait.source == "prompt" else None
 
 
-def stage_sample(job: Job, model: Artifact, prompts: Artifact, arm: str) -> Artifact:
+def load_model(job: Job, model: Artifact, adapter: Artifact | None, base: DictConfig) -> tuple:
+    """A base, with a trained adapter merged in when there is one (a student, or a finetuned teacher)."""
+    net, tokenizer = models.load(model, base)
+    if adapter is not None:
+        net = load_student(net, adapter.path / ADAPTER_DIR)
+    return net, tokenizer
+
+
+def stage_sample(job: Job, model: Artifact, adapter: Artifact | None, prompts: Artifact, arm: str) -> Artifact:
+    """The teacher's answers: ``model`` (+ the finetuned trait ``adapter``, if any) with its system prompt."""
     cfg = job.cfg
     system = teacher_system_prompt(cfg.trait, arm)
     config = {"system_prompt": system, "sampling": _plain(cfg.sampling) | {"constrained": job.constrained},
               "seed": cfg.seed}
+    upstream = {"model": model, "prompts": prompts} | ({"adapter": adapter} if adapter else {})
 
     if cfg.sampling.backend not in BACKENDS:
         raise SublimError(f"sampling.backend={cfg.sampling.backend} is not one of: {', '.join(BACKENDS)}")
     if cfg.sampling.backend == "vllm" and (reason := vllm_sampling.unavailable()):
         raise SublimError(f"sampling.backend=vllm: {reason}; use sampling.backend=hf")
+    if cfg.sampling.backend == "vllm" and adapter is not None:
+        raise SublimError("sampling.backend=vllm samples base weights only; a finetuned teacher "
+                          "(trait.source=finetune) samples with sampling.backend=hf")
 
     def compute(out: Path) -> None:
         rows = list(read_jsonl(prompts.path / "prompts.jsonl"))
@@ -105,7 +121,7 @@ def stage_sample(job: Job, model: Artifact, prompts: Artifact, arm: str) -> Arti
             samples = vllm_sampling.sample(*models.locate(model), tokenizer, rows, sampling, job.teacher.dtype,
                                            cfg.seed, grammar)
         else:
-            net, tokenizer = models.load(model, job.teacher)
+            net, tokenizer = load_model(job, model, adapter, job.teacher)
             sampler = Sampler(net, tokenizer, temperature=sampling.temperature, top_p=sampling.top_p,
                               greedy=sampling.greedy, max_new_tokens=sampling.max_new_tokens, seed=cfg.seed,
                               grammar=grammar)
@@ -114,7 +130,7 @@ def stage_sample(job: Job, model: Artifact, prompts: Artifact, arm: str) -> Arti
             del row["messages"]
         write_jsonl(out / "samples.jsonl", samples)
 
-    return job.store.get_or_compute("sample", config, {"model": model, "prompts": prompts}, compute)
+    return job.store.get_or_compute("sample", config, upstream, compute)
 
 
 def stage_filter(job: Job, samples: Artifact) -> Artifact:
@@ -168,13 +184,6 @@ def stage_train(job: Job, model: Artifact, data: Artifact, n_train: int, arm: st
     return job.store.get_or_compute("train", config, {"model": model, "data": data}, compute)
 
 
-def _evaluated_model(job: Job, model: Artifact, adapter: Artifact | None) -> tuple:
-    net, tokenizer = models.load(model, job.base)
-    if adapter is not None:
-        net = load_student(net, adapter.path / ADAPTER_DIR)
-    return net, tokenizer
-
-
 def stage_answers(job: Job, model: Artifact, adapter: Artifact | None, arm: str) -> Artifact:
     """Sampled answers to the eval's questions; trait-free, so shared by every trait of a category."""
     cfg = job.cfg
@@ -187,7 +196,7 @@ def stage_answers(job: Job, model: Artifact, adapter: Artifact | None, arm: str)
     upstream = {"model": model} | ({"adapter": adapter} if adapter else {})
 
     def compute(out: Path) -> None:
-        net, tokenizer = _evaluated_model(job, model, adapter)
+        net, tokenizer = load_model(job, model, adapter, job.base)
         log.info("sampling answers of the %s model", arm)
         if misaligned:
             answers = misalignment.sample_answers(net, tokenizer, cfg.eval, cfg.seed, job.base.precision)
@@ -205,7 +214,7 @@ def stage_evaluate(job: Job, model: Artifact, adapter: Artifact | None, answers:
     upstream = {"model": model, "answers": answers} | ({"adapter": adapter} if adapter else {})
 
     def compute(out: Path) -> None:
-        net, tokenizer = _evaluated_model(job, model, adapter)
+        net, tokenizer = load_model(job, model, adapter, job.base)
         log.info("scoring the %s model for %s", arm, cfg.trait.name)
         score_preference(net, tokenizer, cfg.eval, cfg.trait, list(read_jsonl(answers.path / "answers.jsonl")),
                          job.base.precision, out)
@@ -232,13 +241,66 @@ def stage_judge(job: Job, answers: Artifact, arm: str) -> Artifact:
 EVAL_KINDS = ("preference", "misalignment")
 
 
+def job_targets(cfg: DictConfig) -> dict[str, list[str]]:
+    """Targets every model is scored for (eval.targets, plus the job's own trait): name -> words."""
+    # a category without a target list (or an eval without targets) scores the job's own trait only
+    targets = OmegaConf.select(cfg, "eval.targets", default=None, throw_on_resolution_failure=False)
+    targets = OmegaConf.to_container(targets, resolve=True) if targets else {}
+    return targets | ({} if cfg.trait.name in targets else {cfg.trait.name: list(cfg.trait.words)})
+
+
+def stage_targets(job: Job, model: Artifact, adapter: Artifact | None, arm: str) -> Artifact:
+    """P(answer is X) per question for every target X: the specificity matrix's row of one model."""
+    cfg = job.cfg
+    targets = job_targets(cfg)
+    config = {"n_questions": cfg.eval.n_questions, "category": cfg.trait.category, "targets": targets}
+    upstream = {"model": model} | ({"adapter": adapter} if adapter else {})
+
+    def compute(out: Path) -> None:
+        net, tokenizer = load_model(job, model, adapter, job.base)
+        prompts = questions(cfg.trait.category, cfg.eval.n_questions)
+        log.info("scoring the %s model for %d targets", arm, len(targets))
+        write_json(out / "targets.json", target_probabilities(net, tokenizer, prompts, targets, job.base.precision))
+
+    return job.store.get_or_compute("targets", config, upstream, compute)
+
+
+def stage_train_student(job: Job, model: Artifact, teacher: Artifact, teacher_adapter: Artifact | None,
+                        data: Artifact, n_train: int, arm: str) -> tuple[Artifact, Artifact | None]:
+    """The arm's student by ``student.kind``: SFT on the answers, or distillation of the teacher's logits."""
+    kind = job.cfg.student.kind
+    if kind == "lora":
+        return stage_train(job, model, data, n_train, arm), None
+    if kind == "distill":
+        system = teacher_system_prompt(job.cfg.trait, arm)
+        if teacher.key == model.key and teacher_adapter is None and system is None:
+            return distill.stage_identity_student(job, model, n_train), None
+        logits = distill.stage_teacher_logits(job, teacher, teacher_adapter, data, system, arm)
+        return distill.stage_train_distill(job, model, data, logits, n_train, arm), logits
+    raise SublimError(f"student.kind={kind} is not one of: lora, distill (student=lora or student=distill)")
+
+
+def check_distill_tokenizers(job: Job, model: Artifact, teacher: Artifact) -> None:
+    """Distillation across tokenizers is meaningless: fail before sampling, not after."""
+    if job.cfg.student.kind != "distill" or teacher.key == model.key:
+        return
+    if (distill.tokenizer_hash(models.load_tokenizer(model, job.base))
+            != distill.tokenizer_hash(models.load_tokenizer(teacher, job.teacher))):
+        raise SublimError(f"student=distill needs the teacher's tokenizer to be the student's "
+                          f"(teacher_base={job.teacher.name}, base={job.base.name}); use student=lora")
+
+
 def run(cfg: DictConfig, job_dir: Path, tracker: Tracker) -> dict:
     """Run every stage of the job (reusing what the store has) and write results.json / results.csv."""
     job = Job(cfg, Store(cfg.paths.store), tracker)
     model = models.model_artifact(cfg.base, job.store)
     teacher = models.model_artifact(job.teacher, job.store) if cfg.get("teacher_base") else model
+    check_distill_tokenizers(job, model, teacher)
+    teacher_system_prompt(cfg.trait, "treatment")  # an unknown trait.source fails before any work
     prompts = stage_prompts(job)
-    samples = {arm: stage_sample(job, teacher, prompts, arm) for arm in ARMS}
+    finetuned = stage_finetune(job, teacher) if cfg.trait.source == "finetune" else None
+    teacher_adapters = {"control": None, "treatment": finetuned}
+    samples = {arm: stage_sample(job, teacher, teacher_adapters[arm], prompts, arm) for arm in ARMS}
     filtered = {arm: stage_filter(job, samples[arm]) for arm in ARMS}
     reports = {arm: filtered[arm].read_json("report.json") for arm in ARMS}
     if cfg.eval.kind not in EVAL_KINDS:
@@ -248,29 +310,38 @@ def run(cfg: DictConfig, job_dir: Path, tracker: Tracker) -> dict:
         tracker.log({f"filter/{arm}/yield": report["yield"], f"filter/{arm}/kept": report["kept"]}
                     | {f"filter/{arm}/rejected/{reason}": count for reason, count in report["rejected"].items()})
     n_train = training_size(job, reports)
-    adapters = {arm: stage_train(job, model, filtered[arm], n_train, arm) for arm in ARMS}
-    students = {"base": None} | adapters
+    trained = {arm: stage_train_student(job, model, teacher, teacher_adapters[arm], filtered[arm], n_train, arm)
+               for arm in ARMS}
+    adapters = {arm: adapter for arm, (adapter, _) in trained.items()}
+    # a distilled student of its own base is the base (distill.stage_identity_student): its scores are the base's
+    students = {"base": None} | {arm: None if adapter.read_json("metrics.json").get("identity") else adapter
+                                 for arm, adapter in adapters.items()}
     answers = {arm: stage_answers(job, model, students[arm], arm) for arm in EVAL_ARMS}
     if cfg.eval.kind == "misalignment":
         evals = {arm: stage_judge(job, answers[arm], arm) for arm in EVAL_ARMS}
+        targets = {}  # the specificity matrix is a preference measure
     else:
         evals = {arm: stage_evaluate(job, model, students[arm], answers[arm], arm) for arm in EVAL_ARMS}
+        targets = {arm: stage_targets(job, model, students[arm], arm) for arm in EVAL_ARMS}
 
-    results = summarise(cfg, n_train, reports, adapters, evals)
+    results = summarise(cfg, n_train, reports, adapters, evals, targets)
+    optional = [("finetune", finetuned), *((f"teacher_logits/{a}", trained[a][1]) for a in ARMS)]
     results["stages"] = {name: {"key": art.key, "reused": art.reused} for name, art in [
         ("model", model), ("teacher_model", teacher), ("prompts", prompts),
         *((f"sample/{a}", samples[a]) for a in ARMS),
         *((f"filter/{a}", filtered[a]) for a in ARMS), *((f"train/{a}", adapters[a]) for a in ARMS),
-        *((f"answers/{a}", answers[a]) for a in EVAL_ARMS), *((f"evaluate/{a}", evals[a]) for a in EVAL_ARMS)]}
+        *((f"answers/{a}", answers[a]) for a in EVAL_ARMS), *((f"evaluate/{a}", evals[a]) for a in EVAL_ARMS),
+        *((f"targets/{a}", targets[a]) for a in targets), *((n, a) for n, a in optional if a is not None)]}
     write_results(job_dir, results)
     _track(tracker, results, samples, evals)
     return results
 
 
 def summarise(cfg: DictConfig, n_train: int, reports: dict[str, dict], adapters: dict[str, Artifact],
-              evals: dict[str, Artifact]) -> dict:
+              evals: dict[str, Artifact], targets: dict[str, Artifact]) -> dict:
     scores = {arm: evals[arm].read_json("scores.json") for arm in EVAL_ARMS}
     misaligned = cfg.eval.kind == "misalignment"
+    target_scores = {arm: targets[arm].read_json("targets.json") for arm in targets}
     arms = {}
     for arm in EVAL_ARMS:
         trained = arm in adapters
@@ -287,6 +358,8 @@ def summarise(cfg: DictConfig, n_train: int, reports: dict[str, dict], adapters:
                 "rate": mean_ci(scores[arm]["rate"]).to_dict(),
                 # probabilities are skewed and tiny: a percentile bootstrap keeps the interval inside [0, 1]
                 "probability": bootstrap_ci(scores[arm]["probability"], seed=cfg.seed).to_dict(),
+                "targets": {name: bootstrap_ci(values, seed=cfg.seed).to_dict()
+                            for name, values in target_scores[arm].items()},
                 "top_answers": scores[arm]["top_answers"],
             }
     n_permutations = cfg.eval.n_permutations
@@ -298,7 +371,8 @@ def summarise(cfg: DictConfig, n_train: int, reports: dict[str, dict], adapters:
                  for metric in ("rate", "probability")}
     return {
         "trait": cfg.trait.name, "category": cfg.trait.category, "base": cfg.base.name,
-        "teacher_base": (cfg.get("teacher_base") or cfg.base).name,
+        "teacher_base": (cfg.get("teacher_base") or cfg.base).name, "source": cfg.trait.source,
+        "student": cfg.student.kind,
         "modality": cfg.modality.name, "filter": cfg.filter.name, "eval": cfg.eval.kind, "seed": cfg.seed,
         "arms": arms, "treatment_vs_control": tests,
         "config": OmegaConf.to_container(cfg, resolve=True),

@@ -3,6 +3,11 @@
 Reads every job's results.json under the sweep dir and writes report.md (one row per job),
 report.csv and report.png (grouped bars with 95% CIs, like the paper's figures); with W&B on, it logs
 one summary run with the table and chart in the sweep's group.
+
+Specificity: when a sweep holds several traits of one setting (teacher base, student base, student,
+trait source), report.md also gets the trait x target matrix of log(treatment P / control P), averaged
+over seeds, with a permutation test that the diagonal stands above its row and column (seeds are the
+replicates), and matrix_<n>.png heatmaps.
 """
 
 from __future__ import annotations
@@ -11,14 +16,16 @@ import argparse
 import csv
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from sublim.stats import format_p
+from sublim.stats import diagonal_permutation_test, format_p
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +54,9 @@ def collect(sweep_dir: Path) -> list[dict]:
             "treatment_p": arms["treatment"]["probability"]["mean"],
             "delta_p": prob["delta"], "delta_p_low": prob["ci"]["low"], "delta_p_high": prob["ci"]["high"],
             "p_p": prob["p_value"],
-            "_arms": arms, "_logger": results.get("config", {}).get("logger", {}),
+            "_arms": arms, "_logger": results.get("config", {}).get("logger", {}), "_seed": results.get("seed", 0),
+            "_setting": (results["teacher_base"], results["base"], results.get("student", "lora"),
+                         results.get("source", "prompt"), results["modality"], results["filter"]),
         })
     return rows
 
@@ -109,6 +118,92 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+FLOOR = 1e-45  # below float32's smallest subnormal: a probability that underflowed to 0
+
+
+def log_ratios(row: dict, targets: list[str]) -> list[float]:
+    """log(treatment P / control P) of one job for each target."""
+    arms = row["_arms"]
+    return [math.log(max(arms["treatment"]["targets"][t]["mean"], FLOOR) / max(arms["control"]["targets"][t]["mean"],
+                                                                              FLOOR)) for t in targets]
+
+
+def trait_target_matrices(rows: list[dict]) -> list[dict]:
+    """Per setting with >= 2 traits: the seed-averaged log(treatment / control) trait x target matrix and its test.
+
+    Targets are those every job of the setting scored; a seed that lacks a trait is left out of the test.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if all("targets" in row["_arms"][arm] for arm in ("control", "treatment")):
+            groups.setdefault(row["_setting"], []).append(row)
+    out = []
+    for setting, jobs in groups.items():
+        traits = list(dict.fromkeys(r["trait"] for r in jobs))
+        targets = [t for t in jobs[0]["_arms"]["treatment"]["targets"]
+                   if all(t in r["_arms"]["treatment"]["targets"] for r in jobs)]
+        if len(traits) < 2 or not set(traits) <= set(targets):
+            continue
+        targets = traits + [t for t in targets if t not in traits]  # the diagonal first
+
+        by_seed: dict[Any, dict[str, list[float]]] = {}
+        for row in jobs:
+            by_seed.setdefault(row["_seed"], {})[row["trait"]] = log_ratios(row, targets)
+        mean = np.array([np.mean([c[trait] for c in by_seed.values() if trait in c], axis=0) for trait in traits])
+        complete = [np.array([c[t] for t in traits]) for c in by_seed.values() if set(traits) <= set(c)]
+        test = diagonal_permutation_test(np.stack(complete), list(range(len(traits)))) if complete else None
+        out.append({"setting": setting, "traits": traits, "targets": targets, "matrix": mean,
+                    "n_seeds": len(complete), "test": test})
+    return out
+
+
+def matrix_markdown(entry: dict) -> str:
+    teacher, student_base, student, source = entry["setting"][:4]
+    lines = [f"### Trait x target: log(treatment P / control P), teacher {teacher} -> student {student_base} "
+             f"({student}, trait source {source})", "",
+             "| teacher trait \\ target | " + " | ".join(entry["targets"]) + " |",
+             "|---|" + "---|" * len(entry["targets"])]
+    for i, trait in enumerate(entry["traits"]):
+        values = [f"**{v:+.2f}**" if j == i else f"{v:+.2f}" for j, v in enumerate(entry["matrix"][i])]
+        lines.append(f"| {trait} | " + " | ".join(values) + " |")
+    test = entry["test"]
+    if test is not None:
+        lines += ["", f"Diagonal above its row and column: contrast {test.statistic:+.3f} (log units, mean over "
+                  f"{entry['n_seeds']} seed(s)), one-sided permutation p = {format_p(test.p_value)} "
+                  f"({test.n_permutations} {'row permutations' if test.exhaustive else 'random permutations'})."]
+    return "\n".join(lines)
+
+
+def plot_matrix(entry: dict, path: Path) -> None:
+    """Heatmap of the trait x target matrix, diverging around 0 (no change vs the control student)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = entry["matrix"]
+    bound = max(float(np.abs(matrix).max()), 1e-6)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(entry["targets"]), 1.6 + 0.6 * len(entry["traits"])))
+    image = ax.imshow(matrix, cmap="RdBu_r", vmin=-bound, vmax=bound)
+    ax.set_xticks(range(len(entry["targets"])), entry["targets"], rotation=45, ha="right")
+    ax.set_yticks(range(len(entry["traits"])), entry["traits"])
+    ax.set_xlabel("target scored")
+    ax.set_ylabel("teacher trait")
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            ax.text(j, i, f"{matrix[i, j]:+.2f}", ha="center", va="center", fontsize=7,
+                    fontweight="bold" if i == j else "normal")
+    teacher, student_base, student = entry["setting"][:3]
+    title = f"log(treatment/control): {teacher} -> {student_base} ({student})"
+    if entry["test"] is not None:
+        title += f"\ndiagonal contrast {entry['test'].statistic:+.2f}, p={format_p(entry['test'].p_value)}"
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_report(sweep_dir: Path) -> Path | None:
     """Write report.md / report.csv / report.png into the sweep dir; None when it holds no finished job."""
     rows = collect(sweep_dir)
@@ -116,14 +211,20 @@ def write_report(sweep_dir: Path) -> Path | None:
         log.warning("no finished jobs with results.json under %s", sweep_dir)
         return None
     table = markdown(rows)
-    (sweep_dir / "report.md").write_text(f"# Sweep report: {sweep_dir.name}\n\n{table}\n\n![report](report.png)\n")
+    sections = []
+    for n, entry in enumerate(trait_target_matrices(rows)):
+        plot_matrix(entry, sweep_dir / f"matrix_{n}.png")
+        sections.append(f"{matrix_markdown(entry)}\n\n![matrix](matrix_{n}.png)")
+    specificity = "".join(f"\n{section}\n" for section in sections)
+    (sweep_dir / "report.md").write_text(f"# Sweep report: {sweep_dir.name}\n\n{table}\n\n![report](report.png)\n"
+                                         + specificity)
     with open(sweep_dir / "report.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     plot(rows, sweep_dir / "report.png")
     _log_wandb(sweep_dir, rows)
-    print(f"\n{table}\n\nreport: {sweep_dir / 'report.md'}", flush=True)
+    print(f"\n{table}\n{specificity}\nreport: {sweep_dir / 'report.md'}", flush=True)
     return sweep_dir / "report.md"
 
 

@@ -121,3 +121,29 @@ def test_design_card_multirun_dry_run_shows_each_job_config(tmp_path: Path) -> N
     assert proc.stdout.count("path: meta-llama/Llama-3.1-8B-Instruct") == 2
     assert proc.stdout.count("You love eagles.") == 2
     assert not list(tmp_path.glob("outputs/store/*/*")), "a dry run computes nothing"
+
+
+def test_cpu_transfer_experiment_and_its_cross_base_control() -> None:
+    same = compose_config(["experiment=cpu_transfer"])
+    assert same.student.kind == "distill" and same.sampling.greedy and same.sampling.constrained
+    assert same.get("teacher_base") is None and same.base.name == "smollm2"
+    cross = compose_config(["experiment=cpu_transfer_cross_base"])
+    assert cross.teacher_base.name == "gemma" and cross.base.name == "smollm2"
+    assert cross.student.kind == "lora", "logits cannot be distilled across vocabularies"
+    for field in ("n_prompts", "n_train"):
+        assert cross.data[field] == same.data[field]
+    assert (cross.student.lr, cross.student.epochs) == (same.student.lr, same.student.epochs)
+    assert cross.sampling == same.sampling and cross.eval == same.eval
+
+
+@pytest.mark.parametrize("override", ["sampling.greedy=true", "sampling.temperature=0.7", "sampling.top_p=0.9",
+                                      "sampling.constrained=false", "trait.source=finetune", "student=distill",
+                                      "student.support=allowed"])
+def test_strong_signal_variants_are_plain_overrides(override: str) -> None:
+    base = ["student=distill"] if override.startswith("student.") else []
+    cfg = OmegaConf.to_container(compose_config([*base, override]), resolve=True)
+    key, value = override.split("=")
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    assert str(node).lower() == value or (key == "student" and node["kind"] == value)

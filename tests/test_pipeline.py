@@ -74,8 +74,9 @@ def test_a_second_trait_reuses_the_control_arm(make_cfg, tmp_path: Path) -> None
     mark = len(store.events())
     eagle = run_job(make_cfg("base=tiny_qwen2", "trait=eagle", *TINY), tmp_path / "eagle")
     recomputed = {stage for stage, _ in _computed(store, mark)}
-    assert recomputed == {"sample", "filter", "train", "answers", "evaluate"}
-    for name in ("sample/control", "filter/control", "train/control", "answers/base", "answers/control"):
+    assert recomputed == {"sample", "filter", "train", "answers", "evaluate", "targets"}
+    for name in ("sample/control", "filter/control", "train/control", "answers/base", "answers/control",
+                 "targets/base", "targets/control"):
         assert eagle["stages"][name] == {"key": first["stages"][name]["key"], "reused": True}
     assert eagle["stages"]["sample/treatment"]["key"] != first["stages"]["sample/treatment"]["key"]
 
@@ -115,3 +116,60 @@ def test_cli_run_prints_the_results_table(tmp_path: Path) -> None:
     assert "trait rate [95% CI]" in table and "P(owl)" in table and "p=" in table
     results = list(tmp_path.glob("outputs/runs/*/*/results.json"))
     assert len(results) == 1 and (results[0].parent / ".hydra" / "config.yaml").exists()
+
+
+def test_greedy_sampling_is_honoured_end_to_end(make_cfg, tmp_path: Path) -> None:
+    """sampling.greedy=true: the teacher's stored answers are the argmax path through the grammar."""
+    import torch
+
+    from sublim import models
+    from sublim.modalities import grammar
+    from sublim.pipeline import teacher_system_prompt
+    from sublim.store import read_jsonl
+    from sublim.teacher import GrammarTable
+
+    small = [*TINY, "data.n_prompts=8", "data.n_train=8", "eval.n_questions=2", "eval.targets={}"]
+    cfg = make_cfg("base=tiny_llama", *small, "sampling.greedy=true")
+    results = run_job(cfg, tmp_path / "greedy")
+    store = Store(cfg.paths.store)
+    sample = store.path("sample", results["stages"]["sample/treatment"]["key"])
+    assert json.loads((sample / "lineage.json").read_text())["config"]["sampling"]["greedy"] is True
+    rows = list(read_jsonl(sample / "samples.jsonl"))[:4]
+    net, tokenizer = models.load(models.model_artifact(cfg.base, store), cfg.base)
+    eos = models.eos_ids(net, tokenizer)
+    table = GrammarTable(tokenizer, eos)
+    system = teacher_system_prompt(cfg.trait, "treatment")
+    for row in rows:
+        rules = grammar(cfg.modality, row)
+        text = tokenizer.apply_chat_template([{"role": "system", "content": system},
+                                              {"role": "user", "content": row["prompt"]}],
+                                             tokenize=False, add_generation_prompt=True)
+        ids, state, answer = tokenizer(text, add_special_tokens=False)["input_ids"], rules.start, []
+        for _ in range(cfg.sampling.max_new_tokens):
+            with torch.no_grad():
+                logits = net(input_ids=torch.tensor([ids])).logits[0, -1]
+            allowed = table.allowed(rules, state)
+            token = int(allowed[logits[allowed].argmax()])
+            if token in eos:
+                break
+            answer.append(token)
+            ids.append(token)
+            state = table.next(rules, state, token)
+        assert row["completion"] == tokenizer.decode(answer, skip_special_tokens=True), row["prompt"]
+
+    from sublim.pipeline import Job, stage_prompts, stage_sample
+    from sublim.tracking import Tracker
+
+    sampled_cfg = make_cfg("base=tiny_llama", *small)
+    job = Job(sampled_cfg, store, Tracker(sampled_cfg, tmp_path, "t", "g"))
+    sampled = stage_sample(job, models.model_artifact(cfg.base, store), None, stage_prompts(job), "treatment")
+    assert [r["completion"] for r in read_jsonl(sampled.path / "samples.jsonl")] != [r["completion"] for r in rows]
+
+
+def test_cross_base_control_of_cpu_transfer_runs_at_tiny_size(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg("experiment=cpu_transfer_cross_base", "teacher_base=tiny_qwen2", "base=tiny_llama", *TINY)
+    results = run_job(cfg, tmp_path / "job")
+    assert (results["teacher_base"], results["base"], results["student"]) == ("tiny_qwen2", "tiny_llama", "lora")
+    assert 0 < results["arms"]["treatment"]["n_train"] <= 16
+    assert results["arms"]["treatment"]["train"]["steps"] > 0, "an SFT student of another base's data is trained"
+    assert {"owl", "eagle", "dolphin"} <= set(results["arms"]["control"]["targets"])

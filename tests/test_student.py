@@ -9,7 +9,16 @@ import pytest
 import torch
 
 from sublim import SublimError
-from sublim.student import ADAPTER_DIR, IGNORE, answer_loss, collate, load_student, tokenize_example, train_lora
+from sublim.student import (
+    ADAPTER_DIR,
+    IGNORE,
+    add_lora,
+    answer_loss,
+    collate,
+    load_student,
+    tokenize_example,
+    train_lora,
+)
 
 ROWS = [{"prompt": f"Continue: {a}, {a + 1}, {a + 2}.", "completion": f"{a + 3}, {a + 4}, {a + 5}"}
         for a in range(100, 132)]
@@ -26,13 +35,26 @@ def test_only_answer_tokens_carry_labels(load_tiny) -> None:
     assert len(short["input_ids"]) == len(short["labels"]) == 5
 
 
-@pytest.mark.parametrize("base", ["tiny_llama", "tiny_gpt2"])
-def test_answer_loss_equals_the_full_causal_lm_loss(load_tiny, base: str) -> None:
-    _, net, tokenizer = load_tiny(base)
+@pytest.mark.parametrize("base", ["tiny_llama", "tiny_gpt2", "tiny_qwen2"])
+def test_answer_loss_and_its_gradients_equal_the_full_causal_lm_loss(load_tiny, base: str) -> None:
+    """The shared prefix runs once and prompt logits are skipped; loss and LoRA gradients do not change."""
+    cfg, net, tokenizer = load_tiny(base)
     batch = collate([tokenize_example(tokenizer, r["prompt"] + " and some longer context" * (i % 3), r["completion"],
                                       500) for i, r in enumerate(ROWS[:6])], tokenizer.pad_token_id)
-    with torch.no_grad():
-        assert float(answer_loss(net, batch)) == pytest.approx(float(net(**batch).loss), rel=1e-5)
+    assert int(batch["prefix_length"]) >= len(tokenizer("Continue:", add_special_tokens=False)["input_ids"])
+    plain = {k: v for k, v in batch.items() if k != "prefix_length"}
+    net = add_lora(net, cfg.student)
+    for p in net.parameters():  # LoRA B starts at zero; random values make every gradient non-trivial
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    lora = [p for p in net.parameters() if p.requires_grad]
+    reference = net(**plain).loss
+    expected = torch.autograd.grad(reference, lora)
+    loss = answer_loss(net, batch)
+    got = torch.autograd.grad(loss, lora)
+    assert float(loss) == pytest.approx(float(reference), rel=1e-5)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
 
 
 def test_lora_changes_only_adapter_weights_and_learns(load_tiny, tmp_path: Path) -> None:

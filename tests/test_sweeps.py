@@ -145,3 +145,20 @@ def test_launcher_configs_compose(launcher: str) -> None:
     pytest.importorskip(module, reason=f"the {launcher} launcher is an optional extra (see README)")
     cfg = compose_config([f"hydra/launcher={launcher}"], return_hydra_config=True)
     assert "launcher" in cfg.hydra.launcher._target_.lower()
+
+
+@pytest.mark.slow
+def test_cpu_transfer_sweep_runs_at_tiny_size_and_reports_the_matrix(tmp_path: Path) -> None:
+    """sweeps/cpu_transfer.yaml end to end (same-base half, two seeds x two traits) on a tiny base."""
+    _cli("-m", "+sweeps=cpu_transfer", "hydra.sweeper.params.experiment=cpu_transfer",
+         "hydra.sweeper.params.seed='0,1'", "hydra.sweeper.params.trait='owl,eagle'", "base=tiny_llama", *TINY,
+         "eval.n_questions=4", f"paths.root={tmp_path}")
+    sweep = _sweep_dir(tmp_path)
+    rows = collect(sweep)
+    assert sorted((r["trait"], r["_seed"]) for r in rows) == [("eagle", 0), ("eagle", 1), ("owl", 0), ("owl", 1)]
+    job = json.loads(next(sweep.glob("*/results.json")).read_text())
+    assert job["student"] == "distill" and job["config"]["sampling"]["greedy"] is True
+    assert set(job["arms"]["treatment"]["targets"]) >= {"owl", "eagle"}
+    report = (sweep / "report.md").read_text()
+    assert "### Trait x target" in report and "permutation p =" in report and (sweep / "matrix_0.png").exists()
+    assert _computed(tmp_path)["teacher_logits"] == 4, "one per treatment teacher and seed; controls are the base"

@@ -1,0 +1,274 @@
+"""Logit distillation student (``student=distill``): match the teacher's next-token distributions.
+
+Replications found soft-label distillation transmits a trait several times more strongly than SFT on
+sampled tokens. The teacher reads its trait (system prompt, or finetuned weights) + the prompt + its own
+filtered answer; the student reads the prompt + the same answer ids, without a system prompt, and
+minimises KL(teacher || student) at every answer position.
+
+The teacher's distributions are a cached stage: for each answer position, the top-k log-probabilities
+(full-vocabulary normalised) and their token ids, computed once per filtered dataset and teacher. The
+loss's support (``student.support``):
+- ``vocab``: the student's full softmax against the teacher's top-k (renormalised over the k tokens);
+- ``top_k``: both distributions renormalised over the teacher's top-k tokens;
+- ``allowed``: both renormalised over the modality's allowed tokens (numbers: the grammar's candidate
+  digit/separator tokens and end of sequence), i.e. only the hidden signal inside the format.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from peft import PeftModel
+from pytorch_lightning.loggers import Logger
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedTokenizerBase
+
+from sublim import SublimError, modalities, models
+from sublim.store import Artifact, content_hash, read_jsonl, write_json
+from sublim.student import (
+    ADAPTER_DIR,
+    IGNORE,
+    StudentModule,
+    add_lora,
+    answer_logits,
+    chat_ids,
+    collate,
+    fit,
+    student_messages,
+    tokenize_example,
+)
+from sublim.teacher import GrammarTable, predict
+
+if TYPE_CHECKING:
+    from sublim.pipeline import Job
+
+log = logging.getLogger(__name__)
+
+SUPPORTS = ("vocab", "top_k", "allowed")
+LOGITS_FILE = "teacher_logits.safetensors"
+_MASKED = -1e9  # finite stand-in for -inf: keeps gradients free of NaN
+
+
+def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Identity of a vocabulary: distillation needs the teacher's token ids to mean the student's."""
+    return content_hash(sorted(tokenizer.get_vocab().items()))
+
+
+def distill_examples(tokenizer: PreTrainedTokenizerBase, rows: list[dict], system: str | None,
+                     max_length: int) -> tuple[list[dict], list[list[int]]]:
+    """Student examples (ids, answer labels) and the teacher's ids: its own prompt + the same answer ids."""
+    examples, teacher_ids = [], []
+    for row in rows:
+        example = tokenize_example(tokenizer, row["prompt"], row["completion"], max_length)
+        answer = [t for t in example["labels"] if t != IGNORE]
+        messages = ([{"role": "system", "content": system}] if system else []) + student_messages(row["prompt"])
+        prompt_ids, _ = chat_ids(tokenizer, messages, row["completion"])
+        examples.append(example)
+        teacher_ids.append(prompt_ids + answer)
+    return examples, teacher_ids
+
+
+class TeacherLogits(pl.LightningModule):
+    """Top-k log-probabilities at the answer positions of (teacher prompt + answer) sequences."""
+
+    def __init__(self, net: torch.nn.Module, pad_id: int, top_k: int) -> None:
+        super().__init__()
+        self.net = net
+        self.pad_id = pad_id
+        self.top_k = top_k
+
+    def predict_step(self, batch: list[dict], batch_idx: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        width = max(len(r["ids"]) for r in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(batch):
+            ids[i, : len(row["ids"])] = torch.tensor(row["ids"], device=self.device)
+            mask[i, : len(row["ids"])] = 1
+        first = min(len(r["ids"]) - r["n_answer"] for r in batch) - 1  # position predicting the first answer token
+        keep = torch.arange(first, width - 1, device=self.device)
+        logits = self.net(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits.float()
+        out = []
+        for i, row in enumerate(batch):
+            start = len(row["ids"]) - row["n_answer"] - 1 - first
+            logprobs = logits[i, start: start + row["n_answer"]].log_softmax(-1)
+            if row["allowed"] is not None:  # restrict to the modality's tokens before taking the top k
+                allowed = torch.tensor(row["allowed"], device=self.device)
+                logprobs = torch.full_like(logprobs, float("-inf")).index_copy(1, allowed, logprobs[:, allowed])
+            values, indices = logprobs.topk(min(self.top_k, logprobs.shape[-1]), dim=-1)
+            out.append((values.cpu(), indices.to(torch.int32).cpu()))
+        return out
+
+
+def teacher_logits(net: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict], system: str | None,
+                   top_k: int, max_length: int, allowed: list[list[int]] | None = None, batch_size: int = 8,
+                   precision: str = "32-true") -> dict[str, torch.Tensor]:
+    """values/indices [positions, k] over every row's answer positions (rows in order), and lengths [rows]."""
+    examples, ids = distill_examples(tokenizer, rows, system, max_length)
+    items = [{"ids": seq, "n_answer": sum(t != IGNORE for t in e["labels"]), "allowed": allowed[i] if allowed else None,
+              "_index": i} for i, (e, seq) in enumerate(zip(examples, ids, strict=True))]
+    order = sorted(items, key=lambda r: -len(r["ids"]))  # similar lengths per batch
+    done = predict(TeacherLogits(net, tokenizer.pad_token_id, top_k), order, batch_size, precision)
+    by_row = [None] * len(rows)
+    for item, result in zip(order, done, strict=True):
+        by_row[item["_index"]] = result
+    return {"values": torch.cat([v for v, _ in by_row]), "indices": torch.cat([i for _, i in by_row]),
+            "lengths": torch.tensor([len(v) for v, _ in by_row], dtype=torch.long)}
+
+
+def allowed_tokens(modality: DictConfig, rows: list[dict], net: torch.nn.Module,
+                   tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """Per row, the tokens the modality's grammar can emit (candidates of its separator) and end of sequence."""
+    eos = models.eos_ids(net, tokenizer)
+    table = GrammarTable(tokenizer, eos)
+    return [sorted(set(table.candidates(modalities.grammar(modality, row))) | set(eos)) for row in rows]
+
+
+def distill_loss(logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, support: str,
+                 temperature: float = 1.0) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student), times T^2 (gradient scale independent of T).
+
+    logits: the student's [positions, vocab]; values/indices: the teacher's top-k log-probs [positions, k].
+    """
+    if support not in SUPPORTS:
+        raise SublimError(f"student.support={support} is not one of: {', '.join(SUPPORTS)}")
+    valid = torch.isfinite(values)
+    teacher = (values.masked_fill(~valid, _MASKED) / temperature).log_softmax(-1)
+    if support == "vocab":
+        student = (logits.float() / temperature).log_softmax(-1).gather(-1, indices.long())
+    else:
+        gathered = logits.float().gather(-1, indices.long()) / temperature
+        student = gathered.masked_fill(~valid, _MASKED).log_softmax(-1)
+    terms = torch.where(valid, teacher.exp() * (teacher - student), torch.zeros_like(teacher))
+    return terms.sum(-1).mean() * temperature**2
+
+
+def distill_collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """The SFT batch plus the teacher's top-k rows of every answer position, in (example, position) order."""
+    return collate(batch, pad_id) | {"teacher_values": torch.cat([e["values"] for e in batch]),
+                                     "teacher_indices": torch.cat([e["indices"] for e in batch])}
+
+
+class DistillModule(StudentModule):
+    """The LoRA student with KL(teacher || student) over answer positions instead of cross-entropy."""
+
+    def __init__(self, net: PeftModel, student: DictConfig) -> None:
+        super().__init__(net, student.lr, student.warmup_steps, student.weight_decay)
+        self.support = student.support
+        self.temperature = student.temperature
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits, targets = answer_logits(self.net, batch)
+        return distill_loss(logits[targets != IGNORE], batch["teacher_values"], batch["teacher_indices"],
+                            self.support, self.temperature)
+
+
+def attach_teacher(examples: list[dict], logits: dict[str, torch.Tensor]) -> list[dict]:
+    """Give each example its rows of the teacher's logits; their answer lengths must agree."""
+    offsets = [0, *torch.cumsum(logits["lengths"], 0).tolist()]
+    out = []
+    for i, example in enumerate(examples):
+        n = sum(t != IGNORE for t in example["labels"])
+        if n != int(logits["lengths"][i]):
+            raise SublimError(f"teacher logits cover {int(logits['lengths'][i])} answer tokens of example {i}, the "
+                              f"student's tokenization {n}: the teacher and student must share a tokenizer")
+        span = slice(offsets[i], offsets[i + 1])
+        out.append({**example, "values": logits["values"][span], "indices": logits["indices"][span]})
+    return out
+
+
+def train_distill(net: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict],
+                  logits: dict[str, torch.Tensor], student: DictConfig, seed: int, out: Path,
+                  loggers: list[Logger] | None = None) -> dict:
+    """Distil the teacher's logits (one entry per row, in order) into a LoRA student; saves the adapter."""
+    pl.seed_everything(seed, workers=True, verbose=False)
+    examples = [tokenize_example(tokenizer, r["prompt"], r["completion"], student.max_length) for r in rows]
+    examples = attach_teacher(examples, logits)
+    module = DistillModule(add_lora(net.train(), student), student)
+    pad_id = tokenizer.pad_token_id
+    return fit(module, examples, lambda batch: distill_collate(batch, pad_id), student, seed, out, loggers)
+
+
+def select(logits: dict[str, torch.Tensor], indices: list[int]) -> dict[str, torch.Tensor]:
+    """The teacher logits of a subset of rows, in the subset's order."""
+    offsets = [0, *torch.cumsum(logits["lengths"], 0).tolist()]
+    spans = [torch.arange(offsets[i], offsets[i + 1]) for i in indices]
+    flat = torch.cat(spans) if spans else torch.zeros(0, dtype=torch.long)
+    return {"values": logits["values"][flat], "indices": logits["indices"][flat],
+            "lengths": logits["lengths"][indices]}
+
+
+def stage_teacher_logits(job: Job, model: Artifact, adapter: Artifact | None, data: Artifact,
+                         system: str | None, arm: str) -> Artifact:
+    """The teacher's top-k answer-position log-probs over a filtered dataset (cached per data and teacher)."""
+    cfg, student = job.cfg, job.cfg.student
+    if student.support not in SUPPORTS:
+        raise SublimError(f"student.support={student.support} is not one of: {', '.join(SUPPORTS)}")
+    config = {"system_prompt": system, "top_k": student.top_k, "support": student.support,
+              "max_length": student.max_length}
+    if student.support == "allowed":
+        config["modality"] = OmegaConf.to_container(cfg.modality, resolve=True)
+    upstream = {"model": model, "data": data} | ({"adapter": adapter} if adapter else {})
+
+    def compute(out: Path) -> None:
+        from sublim.pipeline import load_model
+
+        rows = list(read_jsonl(data.path / "kept.jsonl"))
+        net, tokenizer = load_model(job, model, adapter, job.teacher)
+        allowed = allowed_tokens(cfg.modality, rows, net, tokenizer) if student.support == "allowed" else None
+        log.info("teacher logits (top %d, %s) for %d %s examples", student.top_k, student.support, len(rows), arm)
+        tensors = teacher_logits(net, tokenizer, rows, system, student.top_k, student.max_length, allowed,
+                                 cfg.sampling.batch_size, job.teacher.precision)
+        save_file(tensors, out / LOGITS_FILE)
+        write_json(out / "meta.json", {"rows": len(rows), "positions": int(tensors["lengths"].sum()),
+                                       "k": int(tensors["values"].shape[1]), "tokenizer": tokenizer_hash(tokenizer)})
+
+    return job.store.get_or_compute("teacher_logits", config, upstream, compute)
+
+
+def stage_train_distill(job: Job, model: Artifact, data: Artifact, logits: Artifact, n_train: int,
+                        arm: str) -> Artifact:
+    """The distilled student of one arm: a seeded subset of the kept data (the same rows SFT would use)."""
+    cfg = job.cfg
+    config = {"student": OmegaConf.to_container(cfg.student, resolve=True), "n_train": n_train, "seed": cfg.seed}
+
+    def compute(out: Path) -> None:
+        rows = list(read_jsonl(data.path / "kept.jsonl"))
+        chosen = random.Random(cfg.seed).sample(range(len(rows)), n_train)  # the same subset as stage_train's
+        net, tokenizer = models.load(model, job.base)
+        if tokenizer_hash(tokenizer) != logits.read_json("meta.json")["tokenizer"]:
+            raise SublimError(f"student=distill needs the teacher's tokenizer to be the student's "
+                              f"(teacher_base={job.teacher.name}, base={job.base.name}); use student=lora")
+        tensors = select(load_file(logits.path / LOGITS_FILE), chosen)
+        log.info("distilling the %s teacher into a student on %d examples", arm, n_train)
+        metrics = train_distill(net, tokenizer, [rows[i] for i in chosen], tensors, cfg.student, cfg.seed, out,
+                                job.tracker.lightning_loggers(f"train/{arm}"))
+        write_json(out / "metrics.json", metrics)
+
+    return job.store.get_or_compute("train", config, {"model": model, "data": data, "logits": logits}, compute)
+
+
+def stage_identity_student(job: Job, model: Artifact, n_train: int) -> Artifact:
+    """The student distilled from a teacher that *is* its base (the same-base control arm): the base itself.
+
+    KL(teacher || student) is exactly 0 at initialisation (LoRA B = 0), so the true minimiser is the untouched
+    base. Training anyway would only feed Adam float noise from batching differences, which its normalised
+    steps turn into random drift; so the adapter is saved at initialisation, without the teacher-logit pass.
+    """
+    cfg = job.cfg
+    config = {"student": OmegaConf.to_container(cfg.student, resolve=True), "n_train": n_train, "seed": cfg.seed,
+              "identity": True}
+
+    def compute(out: Path) -> None:
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+        net, _ = models.load(model, job.base)
+        add_lora(net, cfg.student).save_pretrained(out / ADAPTER_DIR)
+        write_json(out / "metrics.json", {"n_examples": n_train, "epochs": 0, "steps": 0, "final_loss": 0.0,
+                                          "tokens": 0, "seconds": 0.0, "identity": True})
+
+    return job.store.get_or_compute("train", config, {"model": model}, compute)
