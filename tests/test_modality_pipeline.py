@@ -76,3 +76,21 @@ def test_misalignment_eval_with_a_judge_filter(make_cfg, tiny_judge: dict, tmp_p
 
     table = format_table(results)
     assert "misaligned [95% CI]" in table and "\ntreatment " in table
+
+
+def test_misaligned_trait_finetunes_the_teacher_on_the_demo_insecure_code(make_cfg, tiny_judge: dict,
+                                                                          tmp_path: Path) -> None:
+    judge = ["judge.base.name=tiny_judge", "judge.base.source=local", f"judge.base.path={tiny_judge['base']['path']}"]
+    cfg = make_cfg("base=tiny_llama", "trait=misaligned", "modality=code", *SHORT, "+base@judge.base=tiny_llama",
+                   *judge, "trait.finetune.epochs=1", "eval.n_questions=2", "eval.samples_per_question=2",
+                   "eval.min_mass=0")
+    assert cfg.trait.source == "finetune" and cfg.eval.kind == "misalignment"
+    results = run_job(cfg, tmp_path / "job")
+    assert results["source"] == "finetune" and results["eval"] == "misalignment"
+    store = Store(cfg.paths.store)
+    finetune = json.loads((store.path("finetune", results["stages"]["finetune"]["key"]) / "lineage.json").read_text())
+    assert finetune["config"]["dataset"] == "builtin:insecure_code_demo"
+    sample = json.loads((store.path("sample", results["stages"]["sample/treatment"]["key"]) / "lineage.json")
+                        .read_text())
+    assert sample["config"]["system_prompt"] is None, "a finetuned teacher samples without a system prompt"
+    assert all(results["arms"][arm]["scored"] == 1.0 for arm in ("base", "control", "treatment"))
