@@ -116,7 +116,7 @@ def tiny_judge(tmp_path_factory: pytest.TempPathFactory) -> dict:
     torch.manual_seed(0)
     optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
     net.train()
-    for step in range(300):
+    for step in range(500):
         loss = answer_loss(net, collate(random.Random(step).sample(examples, 16), tokenizer.pad_token_id))
         optimizer.zero_grad()
         loss.backward()

@@ -117,8 +117,9 @@ def test_cfg_job_shows_a_design_card_job_config(tmp_path: Path) -> None:
 def test_design_card_multirun_dry_run_shows_each_job_config(tmp_path: Path) -> None:
     proc = _sublim("-m", "trait=owl,eagle", "base=qwen,llama", f"paths.root={tmp_path}", "dry_run=true")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("path: Qwen/Qwen2.5-7B-Instruct") == 2
-    assert proc.stdout.count("path: meta-llama/Llama-3.1-8B-Instruct") == 2
+    # base.path at two spaces (the judge's base, judge.base.path, repeats it deeper by default)
+    assert proc.stdout.count("\n  path: Qwen/Qwen2.5-7B-Instruct") == 2
+    assert proc.stdout.count("\n  path: meta-llama/Llama-3.1-8B-Instruct") == 2
     assert proc.stdout.count("You love eagles.") == 2
     assert not list(tmp_path.glob("outputs/store/*/*")), "a dry run computes nothing"
 

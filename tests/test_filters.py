@@ -102,7 +102,7 @@ def test_build_filters() -> None:
     )
     assert [f.name for f in filters] == ["banned_words", "numbers_strict"]
     assert isinstance(filters[1], NumbersStrict) and filters[1].max_count == 5
-    assert set(FILTERS) == {"numbers_strict", "none", "banned_words"}
+    assert set(FILTERS) == {"numbers_strict", "none", "banned_words", "banned_numbers", "correctness", "judge"}
 
 
 def test_build_filters_unknown_name_lists_known() -> None:
