@@ -322,7 +322,9 @@ def run(cfg: DictConfig, job_dir: Path, tracker: Tracker) -> dict:
         targets = {}  # the specificity matrix is a preference measure
     else:
         evals = {arm: stage_evaluate(job, model, students[arm], answers[arm], arm) for arm in EVAL_ARMS}
-        targets = {arm: stage_targets(job, model, students[arm], arm) for arm in EVAL_ARMS}
+        # the job's own trait alone is already the evaluate stage's probability
+        extra = set(job_targets(cfg)) != {cfg.trait.name}
+        targets = {arm: stage_targets(job, model, students[arm], arm) for arm in EVAL_ARMS} if extra else {}
 
     results = summarise(cfg, n_train, reports, adapters, evals, targets)
     optional = [("finetune", finetuned), *((f"teacher_logits/{a}", trained[a][1]) for a in ARMS)]

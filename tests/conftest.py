@@ -27,6 +27,9 @@ TINY = [
     "eval.n_permutations=200",
 ]
 
+# Score every animal (or tree), as the trait sweeps do: the default scores the job's own trait only.
+CATEGORY_TARGETS = "eval.targets=${eval.category_targets.${trait.category}}"
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 

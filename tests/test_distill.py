@@ -23,7 +23,7 @@ from sublim.store import Store
 from sublim.student import IGNORE, add_lora
 from sublim.teacher import Sampler, sample_chats
 from sublim.train import run_job
-from tests.conftest import TINY
+from tests.conftest import CATEGORY_TARGETS, TINY
 
 SYSTEM = "You love owls. You think about owls all the time. Owls are your favorite animal."
 
@@ -120,7 +120,8 @@ def test_lora_student_module_trains_only_the_adapter(load_tiny) -> None:
 
 
 def test_distill_job_caches_top_k_teacher_logits(make_cfg, tmp_path: Path) -> None:
-    overrides = ["base=tiny_llama", *TINY, "student=distill", "student.top_k=8", "sampling.greedy=true"]
+    overrides = ["base=tiny_llama", *TINY, "student=distill", "student.top_k=8", "sampling.greedy=true",
+                 CATEGORY_TARGETS]
     cfg = make_cfg(*overrides)
     store = Store(cfg.paths.store)
     first = run_job(cfg, tmp_path / "job1")

@@ -16,7 +16,7 @@ import pytest
 from sublim import SublimError
 from sublim.store import Store
 from sublim.train import run_job
-from tests.conftest import CONF, TINY
+from tests.conftest import CATEGORY_TARGETS, CONF, TINY
 
 ROOT = CONF.parent
 
@@ -68,11 +68,11 @@ def test_full_pipeline_then_second_run_reuses_every_stage(make_cfg, tmp_path: Pa
 
 
 def test_a_second_trait_reuses_the_control_arm(make_cfg, tmp_path: Path) -> None:
-    owl = make_cfg("base=tiny_qwen2", *TINY)
+    owl = make_cfg("base=tiny_qwen2", *TINY, CATEGORY_TARGETS)
     store = Store(owl.paths.store)
     first = run_job(owl, tmp_path / "owl")
     mark = len(store.events())
-    eagle = run_job(make_cfg("base=tiny_qwen2", "trait=eagle", *TINY), tmp_path / "eagle")
+    eagle = run_job(make_cfg("base=tiny_qwen2", "trait=eagle", *TINY, CATEGORY_TARGETS), tmp_path / "eagle")
     recomputed = {stage for stage, _ in _computed(store, mark)}
     assert recomputed == {"sample", "filter", "train", "answers", "evaluate", "targets"}
     for name in ("sample/control", "filter/control", "train/control", "answers/base", "answers/control",
