@@ -361,7 +361,8 @@ def summarise(cfg: DictConfig, n_train: int, reports: dict[str, dict], adapters:
                 # probabilities are skewed and tiny: a percentile bootstrap keeps the interval inside [0, 1]
                 "probability": bootstrap_ci(scores[arm]["probability"], seed=cfg.seed).to_dict(),
                 "targets": {name: bootstrap_ci(values, seed=cfg.seed).to_dict()
-                            for name, values in target_scores[arm].items()},
+                            for name, values in target_scores.get(
+                                arm, {cfg.trait.name: scores[arm]["probability"]}).items()},
                 "top_answers": scores[arm]["top_answers"],
             }
     n_permutations = cfg.eval.n_permutations
