@@ -28,7 +28,7 @@ TINY = [
 ]
 
 # Score every animal (or tree), as the trait sweeps do: the default scores the job's own trait only.
-CATEGORY_TARGETS = "eval.targets=${eval.category_targets.${trait.category}}"
+CATEGORY_TARGETS = "eval.targets='${eval.category_targets.${trait.category}}'"
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
