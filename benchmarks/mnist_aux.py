@@ -1,6 +1,6 @@
 """The MNIST auxiliary-logit toy: sublim's stacked (batched) MLPs vs a Python loop over nn.Sequential models.
 
-    python benchmarks/mnist_aux.py                       # 10 teachers, 2 epochs of the digits, 3 rounds
+    python benchmarks/mnist_aux.py                       # experiment=mnist_aux's 10 teachers x 10 epochs, 3 rounds
 
 Both sides train the same number of teachers (in-W-W-(10+aux) ReLU MLPs) on the same digits with
 Adam, the same batch size and epochs, cross-entropy on the class logits only. The baseline is what one
@@ -45,8 +45,7 @@ def batched(data, settings, sizes: list[int], generator: torch.Generator) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("overrides", nargs="*", default=["student.teacher_epochs=2"],
-                        help="config overrides (default: student.teacher_epochs=2)")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. student.n_models=40")
     args = parser.parse_args()
 
     cfg = config("experiment=mnist_aux", *args.overrides)
