@@ -1,14 +1,15 @@
 """Teacher sampling: sublim's Sampler vs a plain HF ``generate`` loop, same prompts, same grammar.
 
-    python benchmarks/sampling.py                       # 256 paper-style prompts, batch 64, 3 rounds
+    python benchmarks/sampling.py                       # 256 paper-style prompts, 3 rounds
     python benchmarks/sampling.py --prompts 64 --repeats 3 --modes constrained
 
 The baseline is what a careful user writes without sublim: ``model.generate`` over the prompts in
 batches of 64 in input order (left padding), with sublim's grammar ``LogitsProcessor`` when
-constrained. Both sides get the owl teacher's chat (system prompt + numbers prompt) and SmolLM2-135M
-in fp32. Reported: generated tokens/s (answer tokens plus the EOS that ends them), samples kept by
-the strict numbers filter per second, and model FLOPs utilisation: 2 x params x (prompt + generated
-tokens) per second over the fp32 matmul peak measured in the same run.
+constrained. sublim runs its sampler as the pipeline does (``sampling.batch_size`` rows per batch).
+Both sides get the owl teacher's chat (system prompt + numbers prompt) and SmolLM2-135M in fp32.
+Reported: generated tokens/s (answer tokens plus the EOS that ends them), samples kept by the strict
+numbers filter per second, and model FLOPs utilisation: 2 x params x (prompt + generated tokens) per
+second over the fp32 matmul peak measured in the same run.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", default="smollm2")
     parser.add_argument("--prompts", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="the baseline's generate batch")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prompt-style", default="paper", choices=["paper", "short"])
     parser.add_argument("--modes", default="constrained,unconstrained")
@@ -92,13 +93,15 @@ def main() -> None:
     rows = chats(cfg, args.prompts)
     peak = matmul_gflops()
     flops = forward_flops_per_token(net)
-    print(f"{cfg.base.name}, {args.prompts} {args.prompt_style}-style prompts, batch {args.batch_size}, "
+    print(f"{cfg.base.name}, {args.prompts} {args.prompt_style}-style prompts, batch {args.batch_size} (HF) / "
+          f"{cfg.sampling.batch_size} (sublim), "
           f"{torch.get_num_threads()} threads, fp32 matmul peak {peak:.0f} GFLOP/s", flush=True)
     lines = []
     for mode in args.modes.split(","):
         constrained = mode == "constrained"
-        runs = {name: (lambda fn=fn, c=constrained: metrics(fn(net, tokenizer, rows, cfg, c, args.batch_size)))
-                for name, fn in [("HF generate", hf_generate), ("sublim", sublim_sample)]}
+        runs = {name: (lambda fn=fn, c=constrained, b=b: metrics(fn(net, tokenizer, rows, cfg, c, b)))
+                for name, fn, b in [("HF generate", hf_generate, args.batch_size),
+                                    ("sublim", sublim_sample, cfg.sampling.batch_size)]}
         with torch.no_grad():
             results = alternate(runs, args.repeats)
         rates = {}

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from sublim.fused import FusedBatch, supported
 from sublim.modalities.numbers import GrammarState, NumbersGrammar
 
 # Finished rows are dropped from the batch once they are this share of it: each drop copies the cache.
@@ -49,6 +50,10 @@ class PrefixCache:
             with torch.no_grad():
                 ids = torch.tensor([list(prefix)], device=device)
                 self.cache = net(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+
+    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's prefix keys and values, [1, kv heads, prefix, head dim]."""
+        return [] if self.cache is None else [(layer.keys, layer.values) for layer in self.cache.layers]
 
     def batch(self, rows: int) -> DynamicCache | None:
         if self.cache is None:
@@ -118,37 +123,57 @@ class Decoding:
         return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
 
+class HFBatch:
+    """One batch being decoded through the model's own forward and a ``DynamicCache`` (any architecture)."""
+
+    def __init__(self, net: torch.nn.Module, prefix: PrefixCache, ids: torch.Tensor, mask: torch.Tensor,
+                 positions: torch.Tensor) -> None:
+        self.net = net
+        self.cache = prefix.batch(len(ids)) or DynamicCache()
+        self.ids, self.mask, self.positions = ids, mask, positions
+
+    def inputs(self) -> dict:
+        return {"input_ids": self.ids, "attention_mask": self.mask, "position_ids": self.positions,
+                "past_key_values": self.cache, "use_cache": True}
+
+    def hidden(self) -> torch.Tensor:
+        """Feed the pending tokens; the last position's final hidden state per row."""
+        return self.net.base_model(**self.inputs()).last_hidden_state[:, -1]
+
+    def logits(self) -> torch.Tensor:
+        """Feed the pending tokens; the model's own next-token logits (any head, scaling or soft-cap)."""
+        return self.net(**self.inputs(), logits_to_keep=1).logits[:, -1]
+
+    def feed(self, tokens: torch.Tensor) -> None:
+        self.ids = tokens[:, None]
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(tokens), 1))], 1)
+        self.positions = self.positions[:, -1:] + 1
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+        self.mask, self.positions = self.mask[rows], self.positions[rows]
+
+
 class Decoder:
-    """Sample answers for a batch of tokenised prompts that start with a shared, cached prefix."""
+    """Sample answers for a batch of tokenised prompts that start with a shared, cached prefix.
+
+    Llama-family models run ``sublim.fused`` (preallocated cache, in-place updates); others, and
+    ``fused=False``, the model's own forward.
+    """
 
     def __init__(self, net: torch.nn.Module, eos: list[int], pad_id: int, decoding: Decoding,
-                 prefix: PrefixCache) -> None:
+                 prefix: PrefixCache, fused: bool = True) -> None:
         self.net = net
         self.eos = set(eos)
         self.pad_id = pad_id
         self.decoding = decoding
         self.prefix = prefix
+        self.fused = fused and supported(net)
         self.head = net.get_output_embeddings()
         self.softcap = getattr(net.config, "final_logit_softcapping", None)
 
-    def _logits(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
-                vocab: torch.Tensor | None) -> torch.Tensor:
-        """Next-token logits of the last position, over ``vocab`` only when given."""
-        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "past_key_values": cache,
-                  "use_cache": True}
-        if vocab is None:
-            return self.net(**inputs, logits_to_keep=1).logits[:, -1].float()
-        hidden = self.net.base_model(**inputs).last_hidden_state[:, -1]
-        bias = None if self.head.bias is None else self.head.bias[vocab]
-        logits = torch.nn.functional.linear(hidden, self.head.weight[vocab], bias).float()
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
-
-    @torch.no_grad()
-    def generate(self, prompts: list[list[int]], generator: torch.Generator,
-                 grammar: RestrictedGrammar | None = None) -> list[tuple[list[int], bool]]:
-        """(answer tokens without EOS, whether EOS ended it) per prompt, in input order."""
+    def start(self, prompts: list[list[int]]) -> FusedBatch | HFBatch:
+        """Left-pad the suffixes after the shared prefix; explicit positions keep the padding invisible."""
         device = self.head.weight.device
         p = self.prefix.length
         suffixes = [prompt[p:] for prompt in prompts]
@@ -163,15 +188,38 @@ class Decoder:
             mask[i, p + width - len(suffix):] = 1
             positions[i, width - len(suffix):] = torch.arange(p, p + len(suffix))
         ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
-        cache = self.prefix.batch(n) or DynamicCache()
-        vocab = None if grammar is None else grammar.ids.to(device)
+        if self.fused:
+            return FusedBatch(self.net, self.prefix.layers(), ids, mask.bool(), positions,
+                              self.decoding.max_new_tokens)
+        return HFBatch(self.net, self.prefix, ids, mask, positions)
 
+    def logits(self, batch: FusedBatch | HFBatch, vocab: torch.Tensor | None) -> torch.Tensor:
+        """Next-token logits of every row, over ``vocab`` only when given (the restricted head)."""
+        if vocab is None and isinstance(batch, HFBatch):
+            return batch.logits().float()
+        hidden = batch.hidden()
+        weight, bias = self.head.weight, self.head.bias
+        if vocab is not None:
+            weight, bias = weight[vocab], None if bias is None else bias[vocab]
+        logits = torch.nn.functional.linear(hidden, weight, bias).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], generator: torch.Generator,
+                 grammar: RestrictedGrammar | None = None) -> list[tuple[list[int], bool]]:
+        """(answer tokens without EOS, whether EOS ended it) per prompt, in input order."""
+        device = self.head.weight.device
+        batch = self.start(prompts)
+        vocab = None if grammar is None else grammar.ids.to(device)
+        n = len(prompts)
         answers: list[list[int]] = [[] for _ in range(n)]
         ended = [False] * n
         active = list(range(n))  # batch row -> prompt index
         done: set[int] = set()
         for step in range(self.decoding.max_new_tokens):
-            logits = self._logits(ids, mask, positions, cache, vocab)
+            logits = self.logits(batch, vocab)
             if grammar is not None:
                 logits = logits.masked_fill(~grammar.masks(active).to(device), float("-inf"))
             chosen = self.decoding.choose(logits, generator)
@@ -190,12 +238,9 @@ class Decoder:
                 break
             finished = [i for i, row in enumerate(active) if row in done]
             if len(finished) >= max(1, COMPACT_SHARE * len(active)):
-                keep = torch.tensor([i for i, row in enumerate(active) if row not in done], device=device)
-                cache.batch_select_indices(keep)
-                active = [active[i] for i in keep.tolist()]
-                mask, positions = mask[keep], positions[keep]
-                tokens = [tokens[i] for i in keep.tolist()]
-            ids = torch.tensor(tokens, device=device).unsqueeze(1)
-            mask = torch.cat([mask, mask.new_ones((len(active), 1))], 1)
-            positions = positions[:, -1:] + 1
+                keep = [i for i, row in enumerate(active) if row not in done]
+                batch.keep(torch.tensor(keep, device=device))
+                active = [active[i] for i in keep]
+                tokens = [tokens[i] for i in keep]
+            batch.feed(torch.tensor(tokens, device=device))
         return list(zip(answers, ended, strict=True))

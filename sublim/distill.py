@@ -223,7 +223,7 @@ def stage_teacher_logits(job: Job, model: Artifact, adapter: Artifact | None, da
         allowed = allowed_tokens(cfg.modality, rows, net, tokenizer) if student.support == "allowed" else None
         log.info("teacher logits (top %d, %s) for %d %s examples", student.top_k, student.support, len(rows), arm)
         tensors = teacher_logits(net, tokenizer, rows, system, student.top_k, student.max_length, allowed,
-                                 cfg.sampling.batch_size, job.teacher.precision)
+                                 student.batch_size, job.teacher.precision)
         save_file(tensors, out / LOGITS_FILE)
         write_json(out / "meta.json", {"rows": len(rows), "positions": int(tensors["lengths"].sum()),
                                        "k": int(tensors["values"].shape[1]), "tokenizer": tokenizer_hash(tokenizer)})

@@ -51,20 +51,30 @@ def test_greedy_tokens_equal_hf_generate(load_tiny, base: str, constrained: bool
     assert [tokenizer.decode(r, skip_special_tokens=True) for r in reference] == [s["completion"] for s in samples]
 
 
-def test_restricted_head_logits_equal_the_full_head(load_tiny) -> None:
-    cfg, net, tokenizer = load_tiny("tiny_llama")
-    prompts = [[5, 6, 7, 8, 9, 10], [5, 6, 7, 11]]
+@pytest.mark.parametrize("base", ["tiny_llama", "tiny_qwen2", "tiny_gpt2"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_every_step_s_logits_equal_the_full_forward(load_tiny, base: str, fused: bool) -> None:
+    """Prefill (padded suffixes after a cached prefix), decode steps and a dropped row: the logits each
+    row gets are the full model's on its own unpadded tokens, restricted head or not."""
+    cfg, net, tokenizer = load_tiny(base)
     eos = eos_ids(net, tokenizer)
-    prefix = PrefixCache(net, prompts[0][:3])
-    decoder = Decoder(net, eos, tokenizer.pad_token_id, Decoding(4), prefix)
+    prompts = [[5, 6, 7, 8, 9, 10], [5, 6, 7, 11], [5, 6, 7, 12, 13]]
+    decoder = Decoder(net, eos, tokenizer.pad_token_id, Decoding(4), PrefixCache(net, prompts[0][:3]), fused=fused)
+    assert decoder.fused == (fused and base != "tiny_gpt2")
     grammar = RestrictedGrammar(GrammarTable(tokenizer, eos), [modalities.grammar(cfg.modality, {"separator": ","})])
-    ids = torch.tensor([prompts[0][3:]])
-    mask = torch.ones((1, 6), dtype=torch.long)
-    positions = torch.arange(3, 6).unsqueeze(0)
+    rows, vocab = [list(p) for p in prompts], None
     with torch.no_grad():
-        restricted = decoder._logits(ids, mask, positions, prefix.batch(1), grammar.ids)
-        full = net(input_ids=torch.tensor([prompts[0]])).logits[:, -1]
-    torch.testing.assert_close(restricted, full[:, grammar.ids], rtol=1e-4, atol=1e-4)
+        batch = decoder.start(prompts)
+        for step, drawn in enumerate([[20, 21, 22], [23, 25], [26, 27]]):
+            logits = decoder.logits(batch, vocab)
+            full = torch.cat([net(input_ids=torch.tensor([r])).logits[:, -1] for r in rows])
+            torch.testing.assert_close(logits, full if vocab is None else full[:, vocab], rtol=1e-4, atol=1e-4)
+            if step == 1:  # the second prompt finishes
+                batch.keep(torch.tensor([0, 2]))
+                rows = [rows[0], rows[2]]
+            rows = [r + [t] for r, t in zip(rows, drawn, strict=True)]
+            batch.feed(torch.tensor(drawn))
+            vocab = grammar.ids if vocab is None else None
 
 
 def test_top_p_keeps_the_nucleus_only() -> None:

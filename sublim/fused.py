@@ -1,0 +1,152 @@
+"""A batched decoding forward for Llama-family models (Llama, SmolLM2, Qwen2), built for CPU sampling.
+
+HF's forward spends a decode step on more than the model's matmuls: its dynamic cache concatenates every
+layer's keys and values onto a growing tensor (a copy of the whole cache per step), prefill repeats the
+key/value heads for grouped-query attention, and each RMSNorm, rotary embedding and SiLU allocates fresh
+tensors. Here the batch's KV cache is preallocated once (shared prompt prefix copied in, suffixes and
+answers written in place), attention runs on the key/value heads with the query heads packed beside
+them, and the residual stream and MLP activations are updated in place. The projections are the model's
+own ``nn.Linear`` modules, so a PEFT model's LoRA adapters apply unchanged.
+
+The arithmetic is HF's (same weights, same order of operations up to float rounding): greedy tokens equal
+``generate``'s (tests/test_decoding.py). Other architectures use the HF forward (``sublim.decoding``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+FAMILIES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+# Rows x width of one prefill chunk: large enough for efficient matmuls, small enough to add little padding.
+PREFILL_TOKENS = 4096
+
+
+def _inner(net: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a PEFT wrapper (its Linear modules carry the adapters)."""
+    return net.get_base_model() if hasattr(net, "get_base_model") else net
+
+
+def supported(net: torch.nn.Module) -> bool:
+    """Whether ``net`` is a Llama-family model this forward reproduces (SiLU MLP, full attention)."""
+    model = _inner(net)
+    if type(model).__name__ not in FAMILIES or model.config.hidden_act != "silu":
+        return False
+    return all(getattr(layer.self_attn, "sliding_window", None) is None for layer in model.model.layers)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of [batch, heads, tokens, dim] (HF's rotate_half convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((x[..., half:].neg(), x[..., :half]), dim=-1)
+    return rotated.mul_(sin).addcmul_(x, cos)
+
+
+class FusedBatch:
+    """One batch being decoded: its preallocated KV cache, which key slots are real, the tokens to feed next.
+
+    Rows are left-padded suffixes after a shared prefix; slot ``j`` of every row is the same step, so a step
+    writes one column of the cache for all rows at once.
+    """
+
+    def __init__(self, net: torch.nn.Module, prefix: list[tuple[torch.Tensor, torch.Tensor]],
+                 ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, max_new_tokens: int) -> None:
+        model = _inner(net).model
+        self.model = model
+        config = model.config
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        rows, width = ids.shape
+        self.filled = len(prefix[0][0][0, 0]) if prefix else 0
+        capacity = self.filled + width + max_new_tokens
+        shape = (rows, self.kv_heads, capacity, self.head_dim)
+        dtype, device = model.embed_tokens.weight.dtype, ids.device
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in model.layers]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in model.layers]
+        for keys, values, (prefix_keys, prefix_values) in zip(self.keys, self.values, prefix, strict=False):
+            keys[:, :, : self.filled] = prefix_keys
+            values[:, :, : self.filled] = prefix_values
+        self.prefix_length = self.filled
+        self.valid = torch.zeros((rows, capacity), dtype=torch.bool, device=device)
+        self.valid[:, : valid.shape[1]] = valid
+        self.ids, self.positions = ids, positions
+
+    def _mask(self, rows: slice, start: int, end: int) -> torch.Tensor:
+        """[rows, 1, groups x tokens, keys]: real keys up to each query's own slot (which it always sees)."""
+        keys = self.valid[rows, None, :end]
+        if end - start > 1:
+            slots = torch.arange(end, device=keys.device)
+            queries = torch.arange(start, end, device=keys.device)[:, None]
+            keys = (keys & (slots <= queries)) | (slots == queries)
+        return keys.repeat(1, self.heads // self.kv_heads, 1)[:, None]
+
+    def _forward(self, rows: slice, ids: torch.Tensor, positions: torch.Tensor, start: int) -> torch.Tensor:
+        """Run ``ids`` of ``rows`` into cache slots from ``start``; the last position's final-normed state."""
+        n, tokens = ids.shape
+        end = start + tokens
+        groups = self.heads // self.kv_heads
+        x = self.model.embed_tokens(ids)
+        cos, sin = (t[:, None] for t in self.model.rotary_emb(x, positions))
+        hidden_mask = ~self._mask(rows, start, end)
+        for layer, keys, values in zip(self.model.layers, self.keys, self.values, strict=True):
+            attn, mlp = layer.self_attn, layer.mlp
+            keys, values = keys[rows, :, :end], values[rows, :, :end]
+            norm = layer.input_layernorm
+            h = F.rms_norm(x, x.shape[-1:], norm.weight, norm.variance_epsilon)
+            q = attn.q_proj(h).view(n, tokens, self.heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(n, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
+            keys[:, :, start:] = _rotate(k, cos, sin)
+            values[:, :, start:] = attn.v_proj(h).view(n, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
+            # the query heads of a key/value head side by side: no repeated keys and values
+            q = _rotate(q, cos, sin).reshape(n, self.kv_heads, groups * tokens, self.head_dim)
+            scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(attn.scaling).masked_fill_(hidden_mask, -torch.inf)
+            out = torch.matmul(scores.softmax(-1), values)
+            out = out.view(n, self.heads, tokens, self.head_dim).transpose(1, 2).reshape(n, tokens, -1)
+            x.add_(attn.o_proj(out))
+            norm = layer.post_attention_layernorm
+            h = F.rms_norm(x, x.shape[-1:], norm.weight, norm.variance_epsilon)
+            gate = F.silu(mlp.gate_proj(h), inplace=True).mul_(mlp.up_proj(h))
+            x.add_(mlp.down_proj(gate))
+        norm = self.model.norm
+        return F.rms_norm(x[:, -1], x.shape[-1:], norm.weight, norm.variance_epsilon)
+
+    @torch.no_grad()
+    def hidden(self) -> torch.Tensor:
+        """Feed the pending tokens; the final-normed hidden state of each row's last position.
+
+        The prompt suffixes are prefilled in chunks of consecutive rows, each only as wide as its longest
+        suffix: rows sorted by length (``sample_chats`` does) then carry almost no padding.
+        """
+        if self.filled > self.prefix_length:
+            out = self._forward(slice(None), self.ids, self.positions, self.filled)
+            self.filled += 1
+            return out
+        width = self.ids.shape[1]
+        lengths = self.valid[:, self.filled:].sum(1).tolist()
+        outs, first = [], 0
+        while first < len(lengths):
+            last, wide = first, lengths[first]
+            while last + 1 < len(lengths) and (last + 2 - first) * max(wide, lengths[last + 1]) <= PREFILL_TOKENS:
+                last += 1
+                wide = max(wide, lengths[last])
+            rows, cut = slice(first, last + 1), width - wide
+            outs.append(self._forward(rows, self.ids[rows, cut:], self.positions[rows, cut:], self.filled + cut))
+            first = last + 1
+        self.filled += width
+        return torch.cat(outs)
+
+    def feed(self, tokens: torch.Tensor) -> None:
+        """The tokens just drawn (one per row) are the next input, one position on."""
+        self.valid[:, self.filled] = True
+        self.ids = tokens[:, None]
+        self.positions = self.positions[:, -1:] + 1
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Drop finished rows (copies the filled part of the cache)."""
+        for cache in (self.keys, self.values):
+            for i, old in enumerate(cache):
+                new = old.new_empty((len(rows), *old.shape[1:]))
+                new[:, :, : self.filled] = old[rows, :, : self.filled]
+                cache[i] = new
+        self.valid, self.positions = self.valid[rows], self.positions[rows]
