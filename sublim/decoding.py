@@ -5,7 +5,9 @@ KV cache is computed once and copied into each batch; only the per-prompt suffix
 grammar-constrained decoder may only emit a dozen tokens, so the output head is restricted to them: the
 softmax over those rows equals the masked full-vocabulary softmax, at a 1/4000th of the head's cost.
 Finished rows leave the batch. Positions are explicit, so the gap between the shared prefix and a
-shorter suffix is masked padding that the model never sees.
+shorter suffix is masked padding that the model never sees. Llama-family models (SmolLM2, Llama, Qwen2)
+run ``sublim.fused``: a preallocated cache, attention on the key/value heads, in-place updates, prompts
+prefilled in chunks of similar length; every other model runs its own forward with a ``DynamicCache``.
 
 The distribution of a sample is that of HF ``generate`` with the same processors (same logits, same
 temperature and top-p); the random stream differs, so the same seed gives other (equally distributed)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import LogitsProcessorList
 
+import sublim.fused
 from sublim import modalities
 from sublim.decoding import Decoder, Decoding, PrefixCache, RestrictedGrammar, common_prefix
 from sublim.models import eos_ids
@@ -53,9 +54,11 @@ def test_greedy_tokens_equal_hf_generate(load_tiny, base: str, constrained: bool
 
 @pytest.mark.parametrize("base", ["tiny_llama", "tiny_qwen2", "tiny_gpt2"])
 @pytest.mark.parametrize("fused", [True, False])
-def test_every_step_s_logits_equal_the_full_forward(load_tiny, base: str, fused: bool) -> None:
-    """Prefill (padded suffixes after a cached prefix), decode steps and a dropped row: the logits each
-    row gets are the full model's on its own unpadded tokens, restricted head or not."""
+def test_every_step_s_logits_equal_the_full_forward(load_tiny, monkeypatch: pytest.MonkeyPatch, base: str,
+                                                    fused: bool) -> None:
+    """Prefill (padded suffixes after a cached prefix, in chunks of rows), decode steps and a dropped row: the
+    logits each row gets are the full model's on its own unpadded tokens, restricted head or not."""
+    monkeypatch.setattr(sublim.fused, "PREFILL_TOKENS", 4)  # chunks [row 0], [rows 1-2, one padding slot]
     cfg, net, tokenizer = load_tiny(base)
     eos = eos_ids(net, tokenizer)
     prompts = [[5, 6, 7, 8, 9, 10], [5, 6, 7, 11], [5, 6, 7, 12, 13]]
