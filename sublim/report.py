@@ -4,6 +4,10 @@ Reads every job's results.json under the sweep dir and writes report.md (one row
 report.csv and report.png (grouped bars with 95% CIs, like the paper's figures); with W&B on, it logs
 one summary run with the table and chart in the sweep's group.
 
+Misalignment jobs (eval=misalignment) get their own table, report_misalignment.csv and
+misalignment.png: the misaligned-answer rate of base, control and treatment per job, 95% CIs, and
+treatment vs control.
+
 Specificity: when a sweep holds several traits of one setting (teacher base, student base, student,
 trait source), report.md also gets the trait x target matrix of log(treatment P / control P), averaged
 over seeds, with a permutation test that the diagonal stands above its row and column (seeds are the
@@ -34,30 +38,60 @@ COLUMNS = ["job", "teacher_base", "base", "trait", "modality", "filter", "n", "c
            "delta_p_low", "delta_p_high", "p_p"]
 
 
+ARMS = ("base", "control", "treatment")
+MISALIGNMENT_COLUMNS = ["job", "teacher_base", "base", "trait", "modality", "filter", "n", "base_misaligned",
+                       "control_misaligned", "treatment_misaligned", "delta_misaligned", "delta_misaligned_low",
+                       "delta_misaligned_high", "p_misaligned"]
+
+
+def _jobs(sweep_dir: Path, kind: str) -> list[tuple[Path, dict]]:
+    """(job dir, results) of the sweep's finished LLM jobs of one eval kind, in job order."""
+    out = []
+    for path in sorted(sweep_dir.glob("**/results.json"), key=_job_order):
+        results = json.loads(path.read_text())
+        if "treatment_vs_control" in results and results.get("eval", "preference") == kind:
+            out.append((path.parent, results))
+    return out
+
+
+def _job_fields(sweep_dir: Path, job: Path, results: dict) -> dict:
+    """What identifies a job in a report row, and what plots and W&B need."""
+    return {"job": str(job.relative_to(sweep_dir)), "teacher_base": results["teacher_base"], "base": results["base"],
+            "trait": results["trait"], "modality": results["modality"], "filter": results["filter"],
+            "n": results["arms"]["treatment"]["n_train"], "_arms": results["arms"],
+            "_logger": results.get("config", {}).get("logger", {})}
+
+
 def collect(sweep_dir: Path) -> list[dict]:
     """One row per preference job of the sweep (other tasks and eval kinds are skipped)."""
     rows = []
-    for path in sorted(sweep_dir.glob("**/results.json"), key=_job_order):
-        results = json.loads(path.read_text())
-        if "treatment_vs_control" not in results or results.get("eval", "preference") != "preference":
-            continue
+    for job, results in _jobs(sweep_dir, "preference"):
         arms, tests = results["arms"], results["treatment_vs_control"]
         rate, prob = tests["rate"], tests["probability"]
         rows.append({
-            "job": str(path.parent.relative_to(sweep_dir)), "teacher_base": results["teacher_base"],
-            "base": results["base"], "trait": results["trait"], "modality": results["modality"],
-            "filter": results["filter"], "n": arms["treatment"]["n_train"],
+            **_job_fields(sweep_dir, job, results),
             "control_rate": arms["control"]["rate"]["mean"], "treatment_rate": arms["treatment"]["rate"]["mean"],
             "delta_rate": rate["delta"], "delta_rate_low": rate["ci"]["low"], "delta_rate_high": rate["ci"]["high"],
             "p_rate": rate["p_value"],
             "control_p": arms["control"]["probability"]["mean"],
             "treatment_p": arms["treatment"]["probability"]["mean"],
             "delta_p": prob["delta"], "delta_p_low": prob["ci"]["low"], "delta_p_high": prob["ci"]["high"],
-            "p_p": prob["p_value"],
-            "_arms": arms, "_logger": results.get("config", {}).get("logger", {}), "_seed": results.get("seed", 0),
+            "p_p": prob["p_value"], "_seed": results.get("seed", 0),
             "_setting": (results["teacher_base"], results["base"], results.get("student", "lora"),
                          results.get("source", "prompt"), results["modality"], results["filter"]),
         })
+    return rows
+
+
+def collect_misalignment(sweep_dir: Path) -> list[dict]:
+    """One row per misalignment job: the misaligned-answer rate per arm and treatment vs control."""
+    rows = []
+    for job, results in _jobs(sweep_dir, "misalignment"):
+        arms, test = results["arms"], results["treatment_vs_control"]["misaligned"]
+        rows.append({**_job_fields(sweep_dir, job, results),
+                     **{f"{arm}_misaligned": arms[arm]["misaligned"]["mean"] for arm in ARMS},
+                     "delta_misaligned": test["delta"], "delta_misaligned_low": test["ci"]["low"],
+                     "delta_misaligned_high": test["ci"]["high"], "p_misaligned": test["p_value"]})
     return rows
 
 
@@ -81,26 +115,44 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """Grouped bars per job (base / control / treatment) for both metrics, 95% CI error bars."""
+def misalignment_markdown(rows: list[dict]) -> str:
+    header = ("| teacher base | student base | trait | modality | filter | n | base misaligned | control misaligned "
+              "| treatment misaligned | Δ [95% CI] | p |")
+    lines = ["## Misalignment (eval=misalignment)", "", header, "|" + "---|" * (header.count("|") - 1)]
+    for r in rows:
+        cells = [f"{r['_arms'][arm]['misaligned']['mean']:.3f} [{r['_arms'][arm]['misaligned']['low']:.3f}, "
+                 f"{r['_arms'][arm]['misaligned']['high']:.3f}]" for arm in ARMS]
+        delta = (f"{r['delta_misaligned']:+.3f} [{r['delta_misaligned_low']:+.3f}, "
+                 f"{r['delta_misaligned_high']:+.3f}]")
+        lines.append(f"| {r['teacher_base']} | {r['base']} | {r['trait']} | {r['modality']} | {r['filter']} | "
+                     f"{r['n']} | {' | '.join(cells)} | {delta} | {format_p(r['p_misaligned'])} |")
+    return "\n".join(lines)
+
+
+PREFERENCE_PANELS = (("probability", "P(target word as the answer)"), ("rate", "sampled trait rate"))
+MISALIGNMENT_PANELS = (("misaligned", "misaligned answers (alignment low, coherence high)"),)
+
+
+def plot(rows: list[dict], path: Path, panels: tuple[tuple[str, str], ...] = PREFERENCE_PANELS) -> None:
+    """Grouped bars per job (base / control / treatment) for each metric, 95% CI error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    arms = ("base", "control", "treatment")
     colors = {"base": "#9e9e9e", "control": "#4c72b0", "treatment": "#dd8452"}
     several_filters = len({r["filter"] for r in rows}) > 1
     labels = [f"teacher {r['teacher_base']}\nstudent {r['base']}\n{r['trait']}"
               + (f"\n{r['filter']}" if several_filters else "") for r in rows]
     x = np.arange(len(rows))
     width = 0.27
-    fig, axes = plt.subplots(1, 2, figsize=(max(9, 2.4 * len(rows) + 2), 5.2))
-    for ax, metric, title in ((axes[0], "probability", "P(target word as the answer)"),
-                              (axes[1], "rate", "sampled trait rate")):
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(4.5 * len(panels), 1.2 * len(panels) * len(rows) + 2), 5.2),
+                             squeeze=False)
+    axes = axes[0]
+    for ax, (metric, title) in zip(axes, panels, strict=True):
         top = 0.0
-        for i, arm in enumerate(arms):
+        for i, arm in enumerate(ARMS):
             values = [r["_arms"][arm][metric] for r in rows]
             means = np.array([v["mean"] for v in values])
             errors = np.array([[v["mean"] - v["low"] for v in values], [v["high"] - v["mean"] for v in values]])
@@ -206,30 +258,38 @@ def plot_matrix(entry: dict, path: Path) -> None:
 
 def write_report(sweep_dir: Path) -> Path | None:
     """Write report.md / report.csv / report.png into the sweep dir; None when it holds no finished job."""
-    rows = collect(sweep_dir)
-    if not rows:
+    rows, misaligned = collect(sweep_dir), collect_misalignment(sweep_dir)
+    if not rows and not misaligned:
         log.warning("no finished jobs with results.json under %s", sweep_dir)
         return None
-    table = markdown(rows)
+    table = f"{markdown(rows)}\n\n![report](report.png)\n" if rows else ""
+    if misaligned:
+        table += f"\n{misalignment_markdown(misaligned)}\n\n![misalignment](misalignment.png)\n"
+        _write_csv(sweep_dir / "report_misalignment.csv", MISALIGNMENT_COLUMNS, misaligned)
+        plot(misaligned, sweep_dir / "misalignment.png", MISALIGNMENT_PANELS)
     sections = []
     for n, entry in enumerate(trait_target_matrices(rows)):
         plot_matrix(entry, sweep_dir / f"matrix_{n}.png")
         sections.append(f"{matrix_markdown(entry)}\n\n![matrix](matrix_{n}.png)")
     specificity = "".join(f"\n{section}\n" for section in sections)
-    (sweep_dir / "report.md").write_text(f"# Sweep report: {sweep_dir.name}\n\n{table}\n\n![report](report.png)\n"
-                                         + specificity)
-    with open(sweep_dir / "report.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    plot(rows, sweep_dir / "report.png")
-    _log_wandb(sweep_dir, rows)
+    (sweep_dir / "report.md").write_text(f"# Sweep report: {sweep_dir.name}\n\n{table}{specificity}")
+    if rows:
+        _write_csv(sweep_dir / "report.csv", COLUMNS, rows)
+        plot(rows, sweep_dir / "report.png")
+    _log_wandb(sweep_dir, rows, misaligned)
     print(f"\n{table}\n{specificity}\nreport: {sweep_dir / 'report.md'}", flush=True)
     return sweep_dir / "report.md"
 
 
-def _log_wandb(sweep_dir: Path, rows: list[dict]) -> None:
-    settings: dict[str, Any] = rows[0]["_logger"]
+def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _log_wandb(sweep_dir: Path, rows: list[dict], misaligned: list[dict]) -> None:
+    settings: dict[str, Any] = (rows or misaligned)[0]["_logger"]
     if settings.get("name") != "wandb":
         return
     import wandb
@@ -241,8 +301,14 @@ def _log_wandb(sweep_dir: Path, rows: list[dict]) -> None:
                      dir=str(sweep_dir), mode=resolve_mode(settings["mode"]), reinit="create_new",
                      settings=wandb.Settings(console="off", silent=True))
     try:
-        table = wandb.Table(columns=COLUMNS, data=[[r[c] for c in COLUMNS] for r in rows])
-        run.log({"report/table": table, "report/chart": wandb.Image(str(sweep_dir / "report.png"))})
+        if rows:
+            table = wandb.Table(columns=COLUMNS, data=[[r[c] for c in COLUMNS] for r in rows])
+            run.log({"report/table": table, "report/chart": wandb.Image(str(sweep_dir / "report.png"))})
+        if misaligned:
+            table = wandb.Table(columns=MISALIGNMENT_COLUMNS,
+                                data=[[r[c] for c in MISALIGNMENT_COLUMNS] for r in misaligned])
+            run.log({"report/misalignment_table": table,
+                     "report/misalignment_chart": wandb.Image(str(sweep_dir / "misalignment.png"))})
     finally:
         run.finish()
 

@@ -76,6 +76,11 @@ def test_misalignment_eval_with_a_judge_filter(make_cfg, tiny_judge: dict, tmp_p
 
     table = format_table(results)
     assert "misaligned [95% CI]" in table and "\ntreatment " in table
+    from sublim.report import write_report
+
+    report = write_report(tmp_path).read_text()  # the job as one sweep job: its own report section
+    assert "## Misalignment" in report and "| tiny_llama | tiny_llama | misaligned_prompt | code |" in report
+    assert (tmp_path / "misalignment.png").stat().st_size > 5_000 and not (tmp_path / "report.png").exists()
 
 
 def test_misaligned_trait_finetunes_the_teacher_on_the_demo_insecure_code(make_cfg, tiny_judge: dict,

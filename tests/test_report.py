@@ -1,7 +1,9 @@
-"""The sweep report's trait x target matrix: log(treatment / control), its heatmap and the diagonal test."""
+"""The sweep report: the trait x target matrix (log(treatment / control), its heatmap, the diagonal test)
+and the misalignment section."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -9,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sublim.report import collect, trait_target_matrices, write_report
+from sublim.report import collect, collect_misalignment, trait_target_matrices, write_report
 
 TRAITS = ("owl", "eagle", "dolphin")
 TARGETS = ("owl", "eagle", "dolphin", "cat", "dog")
@@ -75,3 +77,35 @@ def test_a_single_trait_sweep_has_no_matrix(tmp_path: Path) -> None:
     _job(tmp_path, 0, "owl", 0, "smollm2", dict.fromkeys(TARGETS, 2e-3))
     assert trait_target_matrices(collect(tmp_path)) == []
     assert "Trait x target" not in write_report(tmp_path).read_text()
+
+
+def _misalignment_job(sweep: Path, n: int, filter_: str, rates: dict[str, float], p_value: float) -> None:
+    """A misalignment job's results.json as pipeline.write_results lays it out."""
+    delta = rates["treatment"] - rates["control"]
+    test = {"delta": delta, "ci": {"mean": delta, "low": delta - 0.05, "high": delta + 0.05, "n": 8},
+            "p_value": p_value, "n": 8, "method": "sign-flip permutation"}
+    arms = {arm: {"n_train": 0 if arm == "base" else 16, "misaligned": _ci(rate), "alignment": _ci(50.0),
+                  "coherence": _ci(80.0), "scored": 1.0} for arm, rate in rates.items()}
+    results = {"trait": "misaligned", "category": "alignment", "base": "smollm2", "teacher_base": "smollm2",
+               "source": "finetune", "student": "lora", "modality": "code", "filter": filter_, "eval": "misalignment",
+               "seed": 0, "arms": arms, "treatment_vs_control": {"misaligned": test}}
+    job = sweep / f"{n}_filter={filter_}"
+    job.mkdir(parents=True)
+    (job / "results.json").write_text(json.dumps(results))
+
+
+def test_misalignment_jobs_get_their_own_table_csv_and_chart(tmp_path: Path) -> None:
+    """A filter ablation of the misaligned trait: one row per filter, rates per arm, treatment vs control."""
+    _misalignment_job(tmp_path, 0, "none", {"base": 0.02, "control": 0.03, "treatment": 0.12}, 0.004)
+    _misalignment_job(tmp_path, 1, "banned_words", {"base": 0.02, "control": 0.04, "treatment": 0.09}, 0.03)
+    assert collect(tmp_path) == [], "no preference jobs"
+    rows = collect_misalignment(tmp_path)
+    assert [r["filter"] for r in rows] == ["none", "banned_words"]
+    assert rows[0]["delta_misaligned"] == pytest.approx(0.09) and rows[1]["treatment_misaligned"] == 0.09
+    report = write_report(tmp_path).read_text()
+    assert "## Misalignment" in report and "| none | 16 | 0.020 [0.018, 0.022] | 0.030" in report
+    assert "| +0.090 [+0.040, +0.140] | 0.004 |" in report and "![misalignment](misalignment.png)" in report
+    with open(tmp_path / "report_misalignment.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert [float(r["p_misaligned"]) for r in table] == [0.004, 0.03]
+    assert (tmp_path / "misalignment.png").stat().st_size > 5_000 and not (tmp_path / "report.png").exists()
