@@ -101,7 +101,8 @@ class FusedBatch:
             # the query heads of a key/value head side by side: no repeated keys and values
             q = _rotate(q, cos, sin).reshape(n, self.kv_heads, groups * tokens, self.head_dim)
             scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(attn.scaling).masked_fill_(hidden_mask, -torch.inf)
-            out = torch.matmul(scores.softmax(-1), values)
+            # softmax in fp32 whatever the weights (bf16 on GPUs), as HF attention does
+            out = torch.matmul(scores.softmax(-1, dtype=torch.float32).to(values.dtype), values)
             out = out.view(n, self.heads, tokens, self.head_dim).transpose(1, 2).reshape(n, tokens, -1)
             x.add_(attn.o_proj(out))
             norm = layer.post_attention_layernorm
