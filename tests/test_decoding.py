@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import LogitsProcessorList
@@ -68,6 +70,9 @@ def test_every_step_s_logits_equal_the_full_forward(load_tiny, monkeypatch: pyte
     rows, vocab = [list(p) for p in prompts], None
     with torch.no_grad():
         batch = decoder.start(prompts)
+        if decoder.fused:  # what torch.empty hands out may hold NaN: unwritten slots must not leak it
+            for cache in (*batch.keys, *batch.values):
+                cache[:, :, 3:] = float("nan")
         for step, drawn in enumerate([[20, 21, 22], [23, 25], [26, 27]]):
             logits = decoder.logits(batch, vocab)
             full = torch.cat([net(input_ids=torch.tensor([r])).logits[:, -1] for r in rows])
@@ -107,3 +112,22 @@ def test_sampling_frequencies_match_the_model(load_tiny) -> None:
     assert counts.sum() == 2000, "every draw is an allowed token"
     top = int(probs.argmax())
     assert abs(counts[top] / 2000 - probs[top]) < 0.04
+
+
+def test_fused_decoding_applies_lora_adapters(load_tiny) -> None:
+    """A student's answers at evaluation: the fused forward runs the PEFT model's LoRA layers."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg, net, tokenizer = load_tiny("tiny_llama")
+    student = get_peft_model(copy.deepcopy(net), LoraConfig(r=4, target_modules=list(cfg.base.lora_targets),
+                                                            init_lora_weights=False)).eval()
+    prompts = [[5, 6, 7, 8, 9, 10], [5, 6, 7, 11]]
+    decoder = Decoder(student, eos_ids(net, tokenizer), tokenizer.pad_token_id, Decoding(2),
+                      PrefixCache(student, prompts[0][:3]))
+    assert decoder.fused
+    with torch.no_grad():
+        logits = decoder.logits(decoder.start(prompts), None)
+        full = torch.cat([student(input_ids=torch.tensor([p])).logits[:, -1] for p in prompts])
+        base = torch.cat([net(input_ids=torch.tensor([p])).logits[:, -1] for p in prompts])
+    torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)
+    assert (logits - base).abs().max() > 1e-2, "the adapter changes the logits"
