@@ -132,9 +132,9 @@ class FusedBatch:
                 last += 1
                 wide = max(wide, lengths[last])
             rows, cut = slice(first, last + 1), width - wide
-            for cache in (*self.keys, *self.values):
-                # slots left of a narrow chunk are masked, but a masked slot's value still meets a 0
-                # weight in the matmul, and 0 x (inf or NaN left in the memory by torch.empty) is NaN
+            # slots left of a narrow chunk are masked, but a masked slot's value still meets a 0 weight in
+            # the matmul, and 0 x (inf or NaN left in the memory by torch.empty) is NaN
+            for cache in (*self.keys, *self.values) if cut else ():
                 cache[rows, :, self.filled:self.filled + cut] = 0
             outs.append(self._forward(rows, self.ids[rows, cut:], self.positions[rows, cut:], self.filled + cut))
             first = last + 1
