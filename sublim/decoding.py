@@ -26,9 +26,6 @@ from transformers import DynamicCache
 from sublim.fused import FusedBatch, supported
 from sublim.modalities.numbers import GrammarState, NumbersGrammar
 
-# Finished rows are dropped from the batch once they are this share of it: each drop copies the cache.
-COMPACT_SHARE = 0.25
-
 
 def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
     """Length of the token prefix all prompts share, leaving each prompt at least one token of its own."""
@@ -39,6 +36,14 @@ def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
     while n < limit and all(p[n] == first[n] for p in prompts):
         n += 1
     return n
+
+
+def swap_removal(finished: list[bool]) -> list[int]:
+    """The rows to keep, in their new order: each finished row among the first survivors' places takes a
+    surviving row from the end, so dropping k rows moves at most k rows."""
+    order = list(range(len(finished) - sum(finished)))
+    tail = (i for i in range(len(order), len(finished)) if not finished[i])
+    return [next(tail) if finished[i] else i for i in order]
 
 
 class PrefixCache:
@@ -151,9 +156,10 @@ class HFBatch:
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(tokens), 1))], 1)
         self.positions = self.positions[:, -1:] + 1
 
-    def keep(self, rows: torch.Tensor) -> None:
-        self.cache.batch_select_indices(rows)
-        self.mask, self.positions = self.mask[rows], self.positions[rows]
+    def keep(self, order: torch.Tensor) -> None:
+        """Keep rows ``order`` (old indices, in their new order) and drop the rest."""
+        self.cache.batch_select_indices(order)
+        self.mask, self.positions = self.mask[order], self.positions[order]
 
 
 class Decoder:
@@ -238,11 +244,10 @@ class Decoder:
                 grammar.advance(active, tokens)
             if len(done) == n or step + 1 == self.decoding.max_new_tokens:
                 break
-            finished = [i for i, row in enumerate(active) if row in done]
-            if len(finished) >= max(1, COMPACT_SHARE * len(active)):
-                keep = [i for i, row in enumerate(active) if row not in done]
-                batch.keep(torch.tensor(keep, device=device))
-                active = [active[i] for i in keep]
-                tokens = [tokens[i] for i in keep]
+            order = swap_removal([row in done for row in active])
+            if len(order) < len(active):
+                batch.keep(torch.tensor(order, device=device))
+                active = [active[i] for i in order]
+                tokens = [tokens[i] for i in order]
             batch.feed(torch.tensor(tokens, device=device))
         return list(zip(answers, ended, strict=True))

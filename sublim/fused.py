@@ -73,7 +73,7 @@ class FusedBatch:
         self.ids, self.positions = ids, positions
 
     def _mask(self, rows: slice, start: int, end: int) -> torch.Tensor:
-        """[rows, 1, groups x tokens, keys]: real keys up to each query's own slot (which it always sees)."""
+        """[rows, 1, groups x queries, keys]: real keys up to each query's own slot (which it always sees)."""
         keys = self.valid[rows, None, :end]
         if end - start > 1:
             slots = torch.arange(end, device=keys.device)
@@ -81,30 +81,38 @@ class FusedBatch:
             keys = (keys & (slots <= queries)) | (slots == queries)
         return keys.repeat(1, self.heads // self.kv_heads, 1)[:, None]
 
+    def _attend(self, attn: torch.nn.Module, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """Attention output of the positions in ``h`` (the last of the new slots) over ``keys``/``values``."""
+        n, queries = h.shape[:2]
+        q = attn.q_proj(h).view(n, queries, self.heads, self.head_dim).transpose(1, 2)
+        # the query heads of a key/value head side by side: no repeated keys and values; SDPA's fused
+        # kernel computes the softmax in fp32 and never materialises the scores
+        q = _rotate(q, *(t[:, :, -queries:] for t in rotary)).reshape(n, self.kv_heads, -1, self.head_dim)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
+        return attn.o_proj(out.view(n, self.heads, queries, self.head_dim).transpose(1, 2).reshape(n, queries, -1))
+
     def _forward(self, rows: slice, ids: torch.Tensor, positions: torch.Tensor, start: int) -> torch.Tensor:
         """Run ``ids`` of ``rows`` into cache slots from ``start``; the last position's final-normed state."""
         n, tokens = ids.shape
         end = start + tokens
-        groups = self.heads // self.kv_heads
         x = self.model.embed_tokens(ids)
-        cos, sin = (t[:, None] for t in self.model.rotary_emb(x, positions))
-        hidden_mask = ~self._mask(rows, start, end)
-        for layer, keys, values in zip(self.model.layers, self.keys, self.values, strict=True):
+        rotary = tuple(t[:, None] for t in self.model.rotary_emb(x, positions))
+        mask = self._mask(rows, start, end)
+        last = len(self.model.layers) - 1
+        for i, (layer, keys, values) in enumerate(zip(self.model.layers, self.keys, self.values, strict=True)):
             attn, mlp = layer.self_attn, layer.mlp
             keys, values = keys[rows, :, :end], values[rows, :, :end]
             norm = layer.input_layernorm
             h = F.rms_norm(x, x.shape[-1:], norm.weight, norm.variance_epsilon)
-            q = attn.q_proj(h).view(n, tokens, self.heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(n, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
-            keys[:, :, start:] = _rotate(k, cos, sin)
+            keys[:, :, start:] = _rotate(attn.k_proj(h).view(n, tokens, self.kv_heads, self.head_dim).transpose(1, 2),
+                                         *rotary)
             values[:, :, start:] = attn.v_proj(h).view(n, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
-            # the query heads of a key/value head side by side: no repeated keys and values
-            q = _rotate(q, cos, sin).reshape(n, self.kv_heads, groups * tokens, self.head_dim)
-            scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(attn.scaling).masked_fill_(hidden_mask, -torch.inf)
-            # softmax in fp32 whatever the weights (bf16 on GPUs), as HF attention does
-            out = torch.matmul(scores.softmax(-1, dtype=torch.float32).to(values.dtype), values)
-            out = out.view(n, self.heads, tokens, self.head_dim).transpose(1, 2).reshape(n, tokens, -1)
-            x.add_(attn.o_proj(out))
+            if i == last and x.shape[1] > 1:
+                # the last layer owes the other positions only their keys and values: the rest of it runs
+                # for the position whose next token is drawn
+                x, h, mask = x[:, -1:], h[:, -1:], self._mask(rows, end - 1, end)
+            x.add_(self._attend(attn, h, keys, values, rotary, mask))
             norm = layer.post_attention_layernorm
             h = F.rms_norm(x, x.shape[-1:], norm.weight, norm.variance_epsilon)
             gate = F.silu(mlp.gate_proj(h), inplace=True).mul_(mlp.up_proj(h))
@@ -147,11 +155,16 @@ class FusedBatch:
         self.ids = tokens[:, None]
         self.positions = self.positions[:, -1:] + 1
 
-    def keep(self, rows: torch.Tensor) -> None:
-        """Drop finished rows (copies the filled part of the cache)."""
+    def keep(self, order: torch.Tensor) -> None:
+        """Keep rows ``order`` (old indices, in their new order) and drop the rest.
+
+        Only rows that move are copied, into their new place in the same buffers: with ``Decoder``'s
+        swap-removal, a step that ends k rows copies at most k rows of cache, not the whole batch.
+        """
+        moved = torch.nonzero(order != torch.arange(len(order), device=order.device)).flatten()
+        sources = order[moved]
         for cache in (self.keys, self.values):
             for i, old in enumerate(cache):
-                new = old.new_empty((len(rows), *old.shape[1:]))
-                new[:, :, : self.filled] = old[rows, :, : self.filled]
-                cache[i] = new
-        self.valid, self.positions = self.valid[rows], self.positions[rows]
+                old[moved, :, : self.filled] = old[sources, :, : self.filled]
+                cache[i] = old[: len(order)]
+        self.valid, self.positions = self.valid[order], self.positions[order]

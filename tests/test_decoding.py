@@ -10,7 +10,7 @@ from transformers import LogitsProcessorList
 
 import sublim.fused
 from sublim import modalities
-from sublim.decoding import Decoder, Decoding, PrefixCache, RestrictedGrammar, common_prefix
+from sublim.decoding import Decoder, Decoding, PrefixCache, RestrictedGrammar, common_prefix, swap_removal
 from sublim.models import eos_ids
 from sublim.teacher import GrammarConstraint, GrammarTable, Sampler, sample_chats
 from tests.test_teacher import _rows
@@ -77,12 +77,20 @@ def test_every_step_s_logits_equal_the_full_forward(load_tiny, monkeypatch: pyte
             logits = decoder.logits(batch, vocab)
             full = torch.cat([net(input_ids=torch.tensor([r])).logits[:, -1] for r in rows])
             torch.testing.assert_close(logits, full if vocab is None else full[:, vocab], rtol=1e-4, atol=1e-4)
-            if step == 1:  # the second prompt finishes
-                batch.keep(torch.tensor([0, 2]))
-                rows = [rows[0], rows[2]]
+            if step == 1:  # the first prompt finishes: the last row moves into its place
+                order = swap_removal([True, False, False])
+                batch.keep(torch.tensor(order))
+                rows = [rows[i] for i in order]
             rows = [r + [t] for r, t in zip(rows, drawn, strict=True)]
             batch.feed(torch.tensor(drawn))
             vocab = grammar.ids if vocab is None else None
+
+
+def test_swap_removal_moves_only_rows_from_the_end() -> None:
+    assert swap_removal([False, True, False, False, True, False]) == [0, 5, 2, 3]
+    assert swap_removal([True, True, False]) == [2]
+    assert swap_removal([False, False, True]) == [0, 1]
+    assert swap_removal([True, True]) == []
 
 
 def test_top_p_keeps_the_nucleus_only() -> None:
