@@ -38,6 +38,34 @@ def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
     return n
 
 
+def shared_spans(suffixes: Sequence[Sequence[int]]) -> list[tuple[int, list[int]]]:
+    """Groups of rows whose suffixes open with the same tokens, as (how many tokens, rows).
+
+    Prompts written from templates share each template's opening after the common prefix; prefilling an
+    opening once for its group skips those tokens for the other rows. Over the trie of suffixes, a group
+    either shares its common opening or splits at the next token into subgroups with longer ones,
+    whichever skips more tokens. Every row keeps at least one token of its own.
+    """
+    def best(rows: list[int], depth: int) -> tuple[int, list[tuple[int, list[int]]]]:
+        if len(rows) < 2:
+            return 0, []
+        limit = min(len(suffixes[r]) for r in rows) - 1
+        first, shared = suffixes[rows[0]], min(depth, limit)
+        while shared < limit and all(suffixes[r][shared] == first[shared] for r in rows):
+            shared += 1
+        whole = ((len(rows) - 1) * shared, [(shared, rows)] if shared else [])
+        if shared == limit:
+            return whole
+        branches: dict[int, list[int]] = {}
+        for r in rows:
+            branches.setdefault(suffixes[r][shared], []).append(r)
+        split = [best(branch, shared + 1) for branch in branches.values()]
+        parts = (sum(saved for saved, _ in split), [group for _, groups in split for group in groups])
+        return max(whole, parts, key=lambda option: option[0])
+
+    return best(list(range(len(suffixes))), 0)[1]
+
+
 def swap_removal(finished: list[bool]) -> list[int]:
     """The rows to keep, in their new order: each finished row among the first survivors' places takes a
     surviving row from the end, so dropping k rows moves at most k rows."""
@@ -180,6 +208,16 @@ class Decoder:
         self.head = net.get_output_embeddings()
         self.softcap = getattr(net.config, "final_logit_softcapping", None)
 
+    def prefill_order(self, prompts: list[list[int]]) -> list[int]:
+        """Prompts by how many tokens are left to prefill after the prefix and shared openings, most first:
+        consecutive rows then make chunks with little padding."""
+        suffixes = [prompt[self.prefix.length:] for prompt in prompts]
+        left = [len(suffix) for suffix in suffixes]
+        for shared, rows in shared_spans(suffixes) if self.fused else ():
+            for row in rows:
+                left[row] -= shared
+        return sorted(range(len(prompts)), key=lambda i: -left[i])
+
     def start(self, prompts: list[list[int]]) -> FusedBatch | HFBatch:
         """Left-pad the suffixes after the shared prefix; explicit positions keep the padding invisible."""
         device = self.head.weight.device
@@ -198,7 +236,7 @@ class Decoder:
         ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
         if self.fused:
             return FusedBatch(self.net, self.prefix.layers(), ids, mask.bool(), positions,
-                              self.decoding.max_new_tokens)
+                              self.decoding.max_new_tokens, shared_spans(suffixes))
         return HFBatch(self.net, self.prefix, ids, mask, positions)
 
     def logits(self, batch: FusedBatch | HFBatch, vocab: torch.Tensor | None) -> torch.Tensor:
@@ -219,12 +257,12 @@ class Decoder:
                  grammar: RestrictedGrammar | None = None) -> list[tuple[list[int], bool]]:
         """(answer tokens without EOS, whether EOS ended it) per prompt, in input order."""
         device = self.head.weight.device
-        batch = self.start(prompts)
+        active = self.prefill_order(prompts)  # batch row -> prompt index
+        batch = self.start([prompts[i] for i in active])
         vocab = None if grammar is None else grammar.ids.to(device)
         n = len(prompts)
         answers: list[list[int]] = [[] for _ in range(n)]
         ended = [False] * n
-        active = list(range(n))  # batch row -> prompt index
         done: set[int] = set()
         for step in range(self.decoding.max_new_tokens):
             logits = self.logits(batch, vocab)

@@ -14,6 +14,8 @@ The arithmetic is HF's (same weights, same order of operations up to float round
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -50,9 +52,10 @@ class FusedBatch:
     """
 
     def __init__(self, net: torch.nn.Module, prefix: list[tuple[torch.Tensor, torch.Tensor]],
-                 ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, max_new_tokens: int) -> None:
+                 ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, max_new_tokens: int,
+                 spans: Sequence[tuple[int, Sequence[int]]] = ()) -> None:
         model = _inner(net).model
-        self.model = model
+        self.net, self.model, self.prefix, self.spans = net, model, prefix, spans
         config = model.config
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
@@ -122,32 +125,67 @@ class FusedBatch:
 
     @torch.no_grad()
     def hidden(self) -> torch.Tensor:
-        """Feed the pending tokens; the final-normed hidden state of each row's last position.
-
-        The prompt suffixes are prefilled in chunks of consecutive rows, each only as wide as its longest
-        suffix: rows sorted by length (``sample_chats`` does) then carry almost no padding.
-        """
+        """Feed the pending tokens; the final-normed hidden state of each row's last position."""
         if self.filled > self.prefix_length:
             out = self._forward(slice(None), self.ids, self.positions, self.filled)
             self.filled += 1
             return out
+        return self._prefill()
+
+    def _prefill(self) -> torch.Tensor:
+        """Prefill the prompt suffixes: each span's shared opening once, then the rest of every row.
+
+        The rest is prefilled in chunks of consecutive rows, each only as wide as its longest remainder:
+        rows sorted by what is left (``Decoder.generate`` does) then carry almost no padding.
+        """
         width = self.ids.shape[1]
         lengths = self.valid[:, self.filled:].sum(1).tolist()
-        outs, first = [], 0
-        while first < len(lengths):
-            last, wide = first, lengths[first]
-            while last + 1 < len(lengths) and (last + 2 - first) * max(wide, lengths[last + 1]) <= PREFILL_TOKENS:
+        left = list(lengths)
+        for shared, rows in self.spans:
+            for row in rows:
+                left[row] -= shared
+        chunks, first = [], 0
+        while first < len(left):
+            last, wide = first, left[first]
+            while last + 1 < len(left) and (last + 2 - first) * max(wide, left[last + 1]) <= PREFILL_TOKENS:
                 last += 1
-                wide = max(wide, lengths[last])
-            rows, cut = slice(first, last + 1), width - wide
-            # slots left of a narrow chunk are masked, but a masked slot's value still meets a 0 weight in
-            # the matmul, and 0 x (inf or NaN left in the memory by torch.empty) is NaN
+                wide = max(wide, left[last])
+            chunks.append((slice(first, last + 1), width - wide))
+            first = last + 1
+        # slots left of a narrow chunk are masked, but a masked slot's value still meets a 0 weight in the
+        # attention, and 0 x (inf or NaN left in the memory by torch.empty) is NaN
+        for rows, cut in chunks:
             for cache in (*self.keys, *self.values) if cut else ():
                 cache[rows, :, self.filled:self.filled + cut] = 0
-            outs.append(self._forward(rows, self.ids[rows, cut:], self.positions[rows, cut:], self.filled + cut))
-            first = last + 1
+        if self.spans:
+            self._prefill_openings(lengths)
+        outs = [self._forward(rows, self.ids[rows, cut:], self.positions[rows, cut:], self.filled + cut)
+                for rows, cut in chunks]
         self.filled += width
         return torch.cat(outs)
+
+    def _prefill_openings(self, lengths: list[int]) -> None:
+        """Prefill each span's opening tokens once, as a batch of its own, and copy their keys and values
+        into the slots of every row the span covers (the same tokens at the same positions)."""
+        width, wide = self.ids.shape[1], max(shared for shared, _ in self.spans)
+        ids = torch.zeros((len(self.spans), wide), dtype=self.ids.dtype, device=self.ids.device)
+        positions = torch.zeros_like(ids)
+        valid = torch.zeros((len(self.spans), self.filled + wide), dtype=torch.bool, device=self.ids.device)
+        valid[:, : self.filled] = True
+        for j, (shared, rows) in enumerate(self.spans):
+            begin = width - lengths[rows[0]]
+            ids[j, wide - shared:] = self.ids[rows[0], begin:begin + shared]
+            positions[j, wide - shared:] = self.positions[rows[0], begin:begin + shared]
+            valid[j, self.filled + wide - shared:] = True
+        openings = FusedBatch(self.net, self.prefix, ids, valid, positions, 0)
+        openings.hidden()
+        for caches, sources in ((self.keys, openings.keys), (self.values, openings.values)):
+            for cache, source in zip(caches, sources, strict=True):
+                for j, (shared, rows) in enumerate(self.spans):
+                    opening = source[j, :, self.filled + wide - shared:self.filled + wide]
+                    for row in rows:
+                        begin = self.filled + width - lengths[row]
+                        cache[row, :, begin:begin + shared] = opening
 
     def feed(self, tokens: torch.Tensor) -> None:
         """The tokens just drawn (one per row) are the next input, one position on."""

@@ -10,7 +10,7 @@ from transformers import LogitsProcessorList
 
 import sublim.fused
 from sublim import modalities
-from sublim.decoding import Decoder, Decoding, PrefixCache, RestrictedGrammar, common_prefix, swap_removal
+from sublim.decoding import Decoder, Decoding, PrefixCache, RestrictedGrammar, common_prefix, shared_spans, swap_removal
 from sublim.models import eos_ids
 from sublim.teacher import GrammarConstraint, GrammarTable, Sampler, sample_chats
 from tests.test_teacher import _rows
@@ -54,22 +54,30 @@ def test_greedy_tokens_equal_hf_generate(load_tiny, base: str, constrained: bool
     assert [tokenizer.decode(r, skip_special_tokens=True) for r in reference] == [s["completion"] for s in samples]
 
 
+# Suffixes after the prefix [5, 6, 7]. With 4 tokens a chunk: [row 0], [rows 1-2, one padding slot]; and
+# with the opening [8, 9] prefilled once: [rows 0-1, padding left of row 1], [row 2].
+PROMPTS = {"distinct": [[5, 6, 7, 8, 9, 10], [5, 6, 7, 11], [5, 6, 7, 12, 13]],
+           "shared opening": [[5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 8, 9, 12], [5, 6, 7, 8, 9, 10, 13, 14]]}
+
+
 @pytest.mark.parametrize("base", ["tiny_llama", "tiny_qwen2", "tiny_gpt2"])
 @pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("prompts", PROMPTS.values(), ids=PROMPTS.keys())
 def test_every_step_s_logits_equal_the_full_forward(load_tiny, monkeypatch: pytest.MonkeyPatch, base: str,
-                                                    fused: bool) -> None:
-    """Prefill (padded suffixes after a cached prefix, in chunks of rows), decode steps and a dropped row: the
-    logits each row gets are the full model's on its own unpadded tokens, restricted head or not."""
-    monkeypatch.setattr(sublim.fused, "PREFILL_TOKENS", 4)  # chunks [row 0], [rows 1-2, one padding slot]
+                                                    fused: bool, prompts: list[list[int]]) -> None:
+    """Prefill (padded suffixes after a cached prefix, shared openings once, in chunks of rows), decode steps
+    and a dropped row: each row's logits are the full model's on its own unpadded tokens, restricted head or
+    not."""
+    monkeypatch.setattr(sublim.fused, "PREFILL_TOKENS", 4)
     cfg, net, tokenizer = load_tiny(base)
     eos = eos_ids(net, tokenizer)
-    prompts = [[5, 6, 7, 8, 9, 10], [5, 6, 7, 11], [5, 6, 7, 12, 13]]
     decoder = Decoder(net, eos, tokenizer.pad_token_id, Decoding(4), PrefixCache(net, prompts[0][:3]), fused=fused)
     assert decoder.fused == (fused and base != "tiny_gpt2")
     grammar = RestrictedGrammar(GrammarTable(tokenizer, eos), [modalities.grammar(cfg.modality, {"separator": ","})])
     rows, vocab = [list(p) for p in prompts], None
     with torch.no_grad():
         batch = decoder.start(prompts)
+        assert not decoder.fused or batch.spans == ([(2, [0, 1, 2])] if prompts[0][3] == prompts[1][3] else [])
         if decoder.fused:  # what torch.empty hands out may hold NaN: unwritten slots must not leak it
             for cache in (*batch.keys, *batch.values):
                 cache[:, :, 3:] = float("nan")
@@ -84,6 +92,14 @@ def test_every_step_s_logits_equal_the_full_forward(load_tiny, monkeypatch: pyte
             rows = [r + [t] for r, t in zip(rows, drawn, strict=True)]
             batch.feed(torch.tensor(drawn))
             vocab = grammar.ids if vocab is None else None
+
+
+def test_shared_spans_skip_the_most_tokens() -> None:
+    assert shared_spans([[1, 2, 3], [1, 2, 4], [1, 2, 5]]) == [(2, [0, 1, 2])]
+    # sharing [1] by all four skips 3 tokens; [1, 2, 3, 4, 5] by the first two skips 5
+    assert shared_spans([[1, 2, 3, 4, 5, 6, 0], [1, 2, 3, 4, 5, 7, 0], [1, 9, 0], [1, 8, 0]]) == [(5, [0, 1])]
+    assert shared_spans([[1, 2], [1, 2]]) == [(1, [0, 1])]  # each row keeps a token to prefill
+    assert shared_spans([[1], [1], [2, 3]]) == []
 
 
 def test_swap_removal_moves_only_rows_from_the_end() -> None:
