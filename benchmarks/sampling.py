@@ -52,29 +52,24 @@ def hf_generate(net, tokenizer, rows: list[dict], cfg, constrained: bool, batch_
         torch.manual_seed(start)
         generated = net.generate(**encoded, do_sample=True, top_k=None, max_new_tokens=cfg.sampling.max_new_tokens,
                                  logits_processor=processors, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
-        for row, ids, prompt_length in zip(batch, generated[:, width:].tolist(),
-                                           encoded["attention_mask"].sum(1).tolist(), strict=True):
+        for row, ids in zip(batch, generated[:, width:].tolist(), strict=True):
             end = next((i for i, t in enumerate(ids) if t in eos), None)
             answer = ids if end is None else ids[:end]
             out.append({**row, "completion": tokenizer.decode(answer, skip_special_tokens=True),
-                        "n_tokens": len(answer), "finished": end is not None, "prompt_tokens": prompt_length})
+                        "n_tokens": len(answer), "finished": end is not None})
     return out
 
 
 def sublim_sample(net, tokenizer, rows: list[dict], cfg, constrained: bool, batch_size: int) -> list[dict]:
     grammar = (lambda row: modalities.grammar(cfg.modality, row)) if constrained else None
     sampler = Sampler(net, tokenizer, max_new_tokens=cfg.sampling.max_new_tokens, seed=cfg.seed, grammar=grammar)
-    samples = sample_chats(sampler, rows, batch_size)
-    for sample in samples:
-        sample["prompt_tokens"] = len(sampler.encode(sample["messages"]))
-    return samples
+    return sample_chats(sampler, rows, batch_size)
 
 
-def metrics(samples: list[dict]) -> dict:
+def metrics(samples: list[dict], prompt_tokens: int) -> dict:
     kept, _ = apply_filters(samples, [NumbersStrict()])
     generated = sum(s["n_tokens"] + s["finished"] for s in samples)
-    return {"generated": generated, "kept": len(kept), "n": len(samples),
-            "tokens": generated + sum(s["prompt_tokens"] for s in samples)}
+    return {"generated": generated, "kept": len(kept), "n": len(samples), "tokens": generated + prompt_tokens}
 
 
 def main() -> None:
@@ -91,6 +86,7 @@ def main() -> None:
     net, tokenizer = load_base(cfg)
     net.eval()
     rows = chats(cfg, args.prompts)
+    prompt_tokens = sum(len(Sampler(net, tokenizer).encode(row["messages"])) for row in rows)
     peak = matmul_gflops()
     flops = forward_flops_per_token(net)
     print(f"{cfg.base.name}, {args.prompts} {args.prompt_style}-style prompts, batch {args.batch_size} (HF) / "
@@ -99,7 +95,7 @@ def main() -> None:
     lines = []
     for mode in args.modes.split(","):
         constrained = mode == "constrained"
-        runs = {name: (lambda fn=fn, c=constrained, b=b: metrics(fn(net, tokenizer, rows, cfg, c, b)))
+        runs = {name: (lambda fn=fn, c=constrained, b=b: metrics(fn(net, tokenizer, rows, cfg, c, b), prompt_tokens))
                 for name, fn, b in [("HF generate", hf_generate, args.batch_size),
                                     ("sublim", sublim_sample, cfg.sampling.batch_size)]}
         with torch.no_grad():
