@@ -4,14 +4,17 @@ Every teacher prompt of a dataset starts with the same tokens (chat template, sy
 KV cache is computed once and copied into each batch; only the per-prompt suffix is prefilled. A
 grammar-constrained decoder may only emit a dozen tokens, so the output head is restricted to them: the
 softmax over those rows equals the masked full-vocabulary softmax, at a 1/4000th of the head's cost.
-Finished rows leave the batch. Positions are explicit, so the gap between the shared prefix and a
-shorter suffix is masked padding that the model never sees. Llama-family models (SmolLM2, Llama, Qwen2)
-run ``sublim.fused``: a preallocated cache, attention on the key/value heads, in-place updates, prompts
-prefilled in chunks of similar length; every other model runs its own forward with a ``DynamicCache``.
+Finished rows leave the batch at once (the last rows move into their places). Positions are explicit,
+so the gap between the shared prefix and a shorter suffix is masked padding that the model never sees.
+Llama-family models (SmolLM2, Llama, Qwen2) run ``sublim.fused``: a preallocated cache, fused attention
+on the key/value heads, in-place updates, template openings shared by several prompts prefilled once,
+the rest prefilled in chunks of similar length; every other model runs its own forward with a
+``DynamicCache``.
 
 The distribution of a sample is that of HF ``generate`` with the same processors (same logits, same
 temperature and top-p); the random stream differs, so the same seed gives other (equally distributed)
-samples than ``generate``. Greedy decoding gives the same tokens (tests/test_decoding.py).
+samples than ``generate``. The same prompts and seed give the same samples (rows are drawn in an order
+fixed by the prompts). Greedy decoding gives the same tokens (tests/test_decoding.py).
 """
 
 from __future__ import annotations

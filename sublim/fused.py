@@ -4,12 +4,15 @@ HF's forward spends a decode step on more than the model's matmuls: its dynamic 
 layer's keys and values onto a growing tensor (a copy of the whole cache per step), prefill repeats the
 key/value heads for grouped-query attention, and each RMSNorm, rotary embedding and SiLU allocates fresh
 tensors. Here the batch's KV cache is preallocated once (shared prompt prefix copied in, suffixes and
-answers written in place), attention runs on the key/value heads with the query heads packed beside
-them, and the residual stream and MLP activations are updated in place. The projections are the model's
-own ``nn.Linear`` modules, so a PEFT model's LoRA adapters apply unchanged.
+answers written in place), attention is SDPA's fused kernel on the key/value heads with the query heads
+packed beside them, and the residual stream and MLP activations are updated in place. Prefill skips what
+the next token does not need: a template opening that several prompts share is computed once for all of
+them, and the last layer runs only its key/value projections for all but the last position. The
+projections are the model's own ``nn.Linear`` modules, so a PEFT model's LoRA adapters apply unchanged.
 
 The arithmetic is HF's (same weights, same order of operations up to float rounding): greedy tokens equal
-``generate``'s (tests/test_decoding.py). Other architectures use the HF forward (``sublim.decoding``).
+``generate``'s and every step's logits equal the full forward's (tests/test_decoding.py). Other
+architectures use the HF forward (``sublim.decoding``).
 """
 
 from __future__ import annotations
