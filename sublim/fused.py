@@ -7,8 +7,10 @@ tensors. Here the batch's KV cache is preallocated once (shared prompt prefix co
 answers written in place), attention is SDPA's fused kernel on the key/value heads with the query heads
 packed beside them, and the residual stream and MLP activations are updated in place. Prefill skips what
 the next token does not need: a template opening that several prompts share is computed once for all of
-them, and the last layer runs only its key/value projections for all but the last position. The
-projections are the model's own ``nn.Linear`` modules, so a PEFT model's LoRA adapters apply unchanged.
+them, and the last layer runs only its key/value projections for all but the last position. On a CPU each
+forward's rows are split between threads, one per core, each running torch single-threaded (two GEMMs of
+half the rows outrun one GEMM on two threads). The projections are the model's own ``nn.Linear`` modules,
+so a PEFT model's LoRA adapters apply unchanged.
 
 The arithmetic is HF's (same weights, same order of operations up to float rounding): greedy tokens equal
 ``generate``'s and every step's logits equal the full forward's (tests/test_decoding.py). Other
@@ -18,6 +20,7 @@ architectures use the HF forward (``sublim.decoding``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +28,12 @@ import torch.nn.functional as F
 FAMILIES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 # Rows x width of one prefill chunk: large enough for efficient matmuls, small enough to add little padding.
 PREFILL_TOKENS = 4096
+# On a CPU, each forward's rows are split between this many threads (at most torch's thread count), each
+# running torch with its share of the threads. On 2 cores, two single-threaded MKL GEMMs on half the rows
+# each beat one two-threaded GEMM (~155 vs ~125 GFLOP/s for prefill shapes), and the small elementwise
+# ops skip OpenMP's fork and join: sampling runs ~15% faster (benchmarks/sampling.py, README).
+CPU_WORKERS = 2
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (threads, the executor) behind the calling thread
 
 
 def _inner(net: torch.nn.Module) -> torch.nn.Module:
@@ -38,6 +47,23 @@ def supported(net: torch.nn.Module) -> bool:
     if type(model).__name__ not in FAMILIES or model.config.hidden_act != "silu":
         return False
     return all(getattr(layer.self_attn, "sliding_window", None) is None for layer in model.model.layers)
+
+
+def _row_parts(rows: int, device: torch.device) -> list[slice]:
+    """Contiguous, near-equal row ranges, one per CPU worker (one range on other devices)."""
+    parts = min(CPU_WORKERS, torch.get_num_threads(), rows) if device.type == "cpu" else 1
+    bounds = [rows * i // parts for i in range(parts + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+def _helpers(threads: int) -> ThreadPoolExecutor:
+    """The helper threads beside the caller's, kept across forwards, grown if a forward needs more."""
+    global _pool
+    if _pool is None or _pool[0] < threads:
+        if _pool is not None:
+            _pool[1].shutdown()
+        _pool = threads, ThreadPoolExecutor(threads, thread_name_prefix="sublim-fused")
+    return _pool[1]
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -79,8 +105,15 @@ class FusedBatch:
         self.ids, self.positions = ids, positions
 
     def _mask(self, rows: slice, start: int, end: int) -> torch.Tensor:
-        """[rows, 1, groups x queries, keys]: real keys up to each query's own slot (which it always sees)."""
+        """Which keys each query sees: real keys up to its own slot (which it always sees).
+
+        [rows, 1, groups x queries, keys] booleans for SDPA; for one query per row on a CPU (decoding),
+        [rows, 1, 1, keys] added to the scores (0 or -inf).
+        """
         keys = self.valid[rows, None, :end]
+        if end - start == 1 and keys.device.type == "cpu":
+            bias = torch.zeros(keys.shape, dtype=torch.float32, device=keys.device)
+            return bias.masked_fill_(~keys, float("-inf"))[:, None]
         if end - start > 1:
             slots = torch.arange(end, device=keys.device)
             queries = torch.arange(start, end, device=keys.device)[:, None]
@@ -92,10 +125,16 @@ class FusedBatch:
         """Attention output of the positions in ``h`` (the last of the new slots) over ``keys``/``values``."""
         n, queries = h.shape[:2]
         q = attn.q_proj(h).view(n, queries, self.heads, self.head_dim).transpose(1, 2)
-        # the query heads of a key/value head side by side: no repeated keys and values; SDPA's fused
-        # kernel computes the softmax in fp32 and never materialises the scores
+        # the query heads of a key/value head side by side: no repeated keys and values
         q = _rotate(q, *(t[:, :, -queries:] for t in rotary)).reshape(n, self.kv_heads, -1, self.head_dim)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
+        if mask.dtype.is_floating_point:
+            # one query per row on a CPU: SDPA's kernel, built for blocks of queries, takes ~1.5x as long as
+            # two batched matmuls around an fp32 softmax (single-threaded, 128 rows x 160 keys)
+            scores = torch.matmul(q, keys.transpose(-1, -2)).float().mul_(attn.scaling).add_(mask)
+            out = torch.matmul(scores.softmax(-1).to(values.dtype), values)
+        else:
+            # SDPA's fused kernel computes the softmax in fp32 and never materialises the scores
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
         return attn.o_proj(out.view(n, self.heads, queries, self.head_dim).transpose(1, 2).reshape(n, queries, -1))
 
     def _forward(self, rows: slice, ids: torch.Tensor, positions: torch.Tensor, start: int) -> torch.Tensor:
@@ -126,11 +165,40 @@ class FusedBatch:
         norm = self.model.norm
         return F.rms_norm(x[:, -1], x.shape[-1:], norm.weight, norm.variance_epsilon)
 
+    def _run(self, first: int, ids: torch.Tensor, positions: torch.Tensor, start: int) -> torch.Tensor:
+        """``_forward`` of the rows from ``first`` on, split between the CPU workers (``CPU_WORKERS``).
+
+        Every row's arithmetic is its own: the split changes which thread computes a row, and its result only
+        as far as a GEMM rounds differently for another number of rows.
+        """
+        parts = _row_parts(len(ids), ids.device)
+        if len(parts) == 1:
+            return self._forward(slice(first, first + len(ids)), ids, positions, start)
+        helpers = _helpers(len(parts) - 1)
+        threads = torch.get_num_threads()
+        share, inference = max(1, threads // len(parts)), torch.is_inference_mode_enabled()
+
+        def part(rows: slice) -> torch.Tensor:
+            # grad and inference mode are per thread: the workers take the caller's
+            with torch.inference_mode(inference), torch.no_grad():
+                torch.set_num_threads(share)
+                return self._forward(slice(first + rows.start, first + rows.stop), ids[rows], positions[rows],
+                                     start)
+
+        torch.set_num_threads(share)
+        futures = [helpers.submit(part, rows) for rows in parts[1:]]
+        try:
+            outs = [part(parts[0])] + [future.result() for future in futures]
+        finally:
+            wait(futures)
+            torch.set_num_threads(threads)
+        return torch.cat(outs)
+
     @torch.no_grad()
     def hidden(self) -> torch.Tensor:
         """Feed the pending tokens; the final-normed hidden state of each row's last position."""
         if self.filled > self.prefix_length:
-            out = self._forward(slice(None), self.ids, self.positions, self.filled)
+            out = self._run(0, self.ids, self.positions, self.filled)
             self.filled += 1
             return out
         return self._prefill()
@@ -162,7 +230,7 @@ class FusedBatch:
                 cache[rows, :, self.filled:self.filled + cut] = 0
         if self.spans:
             self._prefill_openings(lengths)
-        outs = [self._forward(rows, self.ids[rows, cut:], self.positions[rows, cut:], self.filled + cut)
+        outs = [self._run(rows.start, self.ids[rows, cut:], self.positions[rows, cut:], self.filled + cut)
                 for rows, cut in chunks]
         self.filled += width
         return torch.cat(outs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -92,6 +93,45 @@ def test_every_step_s_logits_equal_the_full_forward(load_tiny, monkeypatch: pyte
             rows = [r + [t] for r, t in zip(rows, drawn, strict=True)]
             batch.feed(torch.tensor(drawn))
             vocab = grammar.ids if vocab is None else None
+
+
+def test_rows_split_across_cpu_workers_give_the_same_samples(load_tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every forward's rows go to CPU_WORKERS threads (under Lightning's inference mode too): each row once,
+    the same logits and greedy answers as one thread, and torch's thread count is back afterwards."""
+    cfg, net, tokenizer = load_tiny("tiny_llama")
+    eos = eos_ids(net, tokenizer)
+    prompts = [*PROMPTS["shared opening"], [5, 6, 7, 15, 16], [5, 6, 7, 8, 9, 17, 18, 19]]
+    seen: list[tuple[object, str, int, int]] = []
+    forward = sublim.fused.FusedBatch._forward
+
+    def recorded(self, rows, ids, positions, start):
+        seen.append((self, threading.current_thread().name, rows.start, rows.stop))
+        return forward(self, rows, ids, positions, start)
+
+    monkeypatch.setattr(sublim.fused.FusedBatch, "_forward", recorded)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        results = {}
+        for workers in (1, 3):
+            monkeypatch.setattr(sublim.fused, "CPU_WORKERS", workers)
+            decoder = Decoder(net, eos, tokenizer.pad_token_id, Decoding(6, greedy=True),
+                              PrefixCache(net, prompts[0][:3]))
+            with torch.inference_mode():
+                batch = decoder.start(prompts)
+                seen.clear()
+                first = decoder.logits(batch, None)
+                parts = sorted((name, lo, hi) for owner, name, lo, hi in seen if owner is batch)
+                answers = decoder.generate(prompts, torch.Generator())
+            assert torch.get_num_threads() == 3, "the workers' share of threads is undone"
+            results[workers] = first, answers, parts
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(results[3][0], results[1][0], rtol=1e-5, atol=1e-5)
+    assert results[3][1] == results[1][1]
+    assert [(lo, hi) for _, lo, hi in results[1][2]] == [(0, 5)]
+    assert sorted((lo, hi) for _, lo, hi in results[3][2]) == [(0, 1), (1, 3), (3, 5)], "each row once"
+    assert len({name for name, _, _ in results[3][2]}) == 3, "on three threads"
 
 
 def test_shared_spans_skip_the_most_tokens() -> None:
