@@ -250,13 +250,19 @@ class FusedBatch:
             valid[j, self.filled + wide - shared:] = True
         openings = FusedBatch(self.net, self.prefix, ids, valid, positions, 0)
         openings.hidden()
+        # one gather per layer: (span, its slot) -> (row, the same token's slot in that row)
+        span, source_slot, row, slot = ([] for _ in range(4))
+        for j, (shared, rows) in enumerate(self.spans):
+            for member in rows:
+                begin = self.filled + width - lengths[member]
+                span += [j] * shared
+                source_slot += range(self.filled + wide - shared, self.filled + wide)
+                row += [member] * shared
+                slot += range(begin, begin + shared)
+        span, source_slot, row, slot = (torch.tensor(i, device=self.ids.device) for i in (span, source_slot, row, slot))
         for caches, sources in ((self.keys, openings.keys), (self.values, openings.values)):
             for cache, source in zip(caches, sources, strict=True):
-                for j, (shared, rows) in enumerate(self.spans):
-                    opening = source[j, :, self.filled + wide - shared:self.filled + wide]
-                    for row in rows:
-                        begin = self.filled + width - lengths[row]
-                        cache[row, :, begin:begin + shared] = opening
+                cache[row, :, slot] = source[span, :, source_slot]
 
     def feed(self, tokens: torch.Tensor) -> None:
         """The tokens just drawn (one per row) are the next input, one position on."""
