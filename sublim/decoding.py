@@ -8,8 +8,8 @@ Finished rows leave the batch at once (the last rows move into their places). Po
 so the gap between the shared prefix and a shorter suffix is masked padding that the model never sees.
 Llama-family models (SmolLM2, Llama, Qwen2) run ``sublim.fused``: a preallocated cache, fused attention
 on the key/value heads, in-place updates, template openings shared by several prompts prefilled once,
-the rest prefilled in chunks of similar length; every other model runs its own forward with a
-``DynamicCache``.
+the rest prefilled in chunks of similar length, and on a CPU each forward's rows split between the cores;
+every other model runs its own forward with a ``DynamicCache``.
 
 The distribution of a sample is that of HF ``generate`` with the same processors (same logits, same
 temperature and top-p); the random stream differs, so the same seed gives other (equally distributed)
