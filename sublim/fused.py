@@ -33,7 +33,7 @@ PREFILL_TOKENS = 4096
 # each beat one two-threaded GEMM (~155 vs ~125 GFLOP/s for prefill shapes), and the small elementwise
 # ops skip OpenMP's fork and join: sampling runs ~15% faster (benchmarks/sampling.py, README).
 CPU_WORKERS = 2
-_pool: tuple[int, ThreadPoolExecutor] | None = None  # (threads, the executor) behind the calling thread
+_helper_threads: list[ThreadPoolExecutor] = []  # one single-thread executor per helper, kept across forwards
 
 
 def _inner(net: torch.nn.Module) -> torch.nn.Module:
@@ -56,14 +56,15 @@ def _row_parts(rows: int, device: torch.device) -> list[slice]:
     return [slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
-def _helpers(threads: int) -> ThreadPoolExecutor:
-    """The helper threads beside the caller's, kept across forwards, grown if a forward needs more."""
-    global _pool
-    if _pool is None or _pool[0] < threads:
-        if _pool is not None:
-            _pool[1].shutdown()
-        _pool = threads, ThreadPoolExecutor(threads, thread_name_prefix="sublim-fused")
-    return _pool[1]
+def _helpers(threads: int) -> list[ThreadPoolExecutor]:
+    """``threads`` helper threads beside the caller's, kept across forwards, grown if a forward needs more.
+
+    One executor per thread, not one pool: a pool hands a second part to a thread that already finished the
+    first, so two parts could run one after the other.
+    """
+    while len(_helper_threads) < threads:
+        _helper_threads.append(ThreadPoolExecutor(1, thread_name_prefix=f"sublim-fused-{len(_helper_threads)}"))
+    return _helper_threads[:threads]
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -186,7 +187,7 @@ class FusedBatch:
                                      start)
 
         torch.set_num_threads(share)
-        futures = [helpers.submit(part, rows) for rows in parts[1:]]
+        futures = [helper.submit(part, rows) for helper, rows in zip(helpers, parts[1:], strict=True)]
         try:
             outs = [part(parts[0])] + [future.result() for future in futures]
         finally:

@@ -96,19 +96,26 @@ def test_every_step_s_logits_equal_the_full_forward(load_tiny, monkeypatch: pyte
 
 
 def test_rows_split_across_cpu_workers_give_the_same_samples(load_tiny, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every forward's rows go to CPU_WORKERS threads (under Lightning's inference mode too): each row once,
-    the same logits and greedy answers as one thread, and torch's thread count is back afterwards."""
+    """Every forward's rows go to CPU_WORKERS threads at once (under Lightning's inference mode too): each row
+    once, the same logits and greedy answers as one thread, and torch's thread count is back afterwards."""
     cfg, net, tokenizer = load_tiny("tiny_llama")
     eos = eos_ids(net, tokenizer)
     prompts = [*PROMPTS["shared opening"], [5, 6, 7, 15, 16], [5, 6, 7, 8, 9, 17, 18, 19]]
     seen: list[tuple[object, str, int, int]] = []
-    forward = sublim.fused.FusedBatch._forward
+    forward, run = sublim.fused.FusedBatch._forward, sublim.fused.FusedBatch._run
+    together: list[threading.Barrier] = []  # every part of a forward waits for the others: none runs after another
 
     def recorded(self, rows, ids, positions, start):
         seen.append((self, threading.current_thread().name, rows.start, rows.stop))
+        together[0].wait()
         return forward(self, rows, ids, positions, start)
 
+    def gated(self, first, ids, positions, start):
+        together[:] = [threading.Barrier(len(sublim.fused._row_parts(len(ids), ids.device)), timeout=20)]
+        return run(self, first, ids, positions, start)
+
     monkeypatch.setattr(sublim.fused.FusedBatch, "_forward", recorded)
+    monkeypatch.setattr(sublim.fused.FusedBatch, "_run", gated)
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
