@@ -22,8 +22,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from numba import njit
 
 FAMILIES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 # Rows x width of one prefill chunk: large enough for efficient matmuls, small enough to add little padding.
@@ -67,6 +69,66 @@ def _helpers(threads: int) -> list[ThreadPoolExecutor]:
     return _helper_threads[:threads]
 
 
+# Fast-math without nnan/ninf: the masked slots' scores are -inf. Reassociation lets the reductions vectorise.
+_KERNEL = {"nogil": True, "cache": True, "fastmath": {"reassoc", "contract", "nsz"}}
+
+
+@njit(**_KERNEL)
+def _scores(q: np.ndarray, keys: np.ndarray, valid: np.ndarray, end: int, out: np.ndarray) -> None:
+    """out[r, h, j, t] = q[r, h, j] . keys[r, h, t] for the valid slots t < end, -inf for the rest.
+
+    [rows, kv heads, query heads per kv head, dim] queries against the [rows, kv heads, capacity, dim]
+    cache: each key is read once for all the query heads that share it, and masked slots not at all.
+    """
+    rows, groups, per_group, dim = q.shape
+    for r in range(rows):
+        for h in range(groups):
+            queries, cached = q[r, h], keys[r, h]
+            for t in range(end):
+                if valid[r, t]:
+                    key = cached[t]
+                    for j in range(per_group):
+                        total = np.float32(0.0)
+                        for e in range(dim):
+                            total += queries[j, e] * key[e]
+                        out[r, h, j, t] = total
+                else:
+                    for j in range(per_group):
+                        out[r, h, j, t] = -np.inf
+
+
+@njit(**_KERNEL)
+def _mix(weights: np.ndarray, values: np.ndarray, valid: np.ndarray, end: int, out: np.ndarray) -> None:
+    """out[r, h, j] = sum over valid slots t < end of weights[r, h, j, t] x values[r, h, t]."""
+    rows, groups, per_group, dim = out.shape
+    for r in range(rows):
+        for h in range(groups):
+            cached, total = values[r, h], out[r, h]
+            total[:] = 0.0
+            for t in range(end):
+                if valid[r, t]:
+                    value = cached[t]
+                    for j in range(per_group):
+                        weight = weights[r, h, j, t]
+                        for e in range(dim):
+                            total[j, e] += weight * value[e]
+
+
+def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor,
+                      end: int) -> torch.Tensor:
+    """One query per row over its own cache, on a CPU: [rows, kv heads, query heads per kv head, dim].
+
+    Decoding reads every row's whole cache per token, so this is memory-bound; two batched matmuls (SDPA's
+    kernel is built for blocks of queries) reach ~5 GB/s of one core's ~16 on SmolLM2's shapes, these two
+    loops ~9 (decode steps ~18% faster, benchmarks/sampling.py). The softmax stays torch's, in fp32.
+    """
+    scores = torch.empty((*q.shape[:3], end), dtype=torch.float32)
+    _scores(q.contiguous().numpy(), keys.numpy(), valid.numpy(), end, scores.numpy())
+    out = torch.empty_like(q)
+    _mix(scores.softmax(-1).numpy(), values.numpy(), valid.numpy(), end, out.numpy())
+    return out
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding of [batch, heads, tokens, dim] (HF's rotate_half convention)."""
     half = x.shape[-1] // 2
@@ -108,34 +170,32 @@ class FusedBatch:
     def _mask(self, rows: slice, start: int, end: int) -> torch.Tensor:
         """Which keys each query sees: real keys up to its own slot (which it always sees).
 
-        [rows, 1, groups x queries, keys] booleans for SDPA; for one query per row on a CPU (decoding),
-        [rows, 1, 1, keys] added to the scores (0 or -inf).
+        [rows, 1, groups x queries, keys] booleans for SDPA; for one fp32 query per row on a CPU (decoding,
+        ``_decode_attention``), the rows' [rows, capacity] validity.
         """
+        if end - start == 1 and self.valid.device.type == "cpu" and self.keys[0].dtype == torch.float32:
+            return self.valid[rows]
         keys = self.valid[rows, None, :end]
-        if end - start == 1 and keys.device.type == "cpu":
-            bias = torch.zeros(keys.shape, dtype=torch.float32, device=keys.device)
-            return bias.masked_fill_(~keys, float("-inf"))[:, None]
         if end - start > 1:
             slots = torch.arange(end, device=keys.device)
             queries = torch.arange(start, end, device=keys.device)[:, None]
             keys = (keys & (slots <= queries)) | (slots == queries)
         return keys.repeat(1, self.heads // self.kv_heads, 1)[:, None]
 
-    def _attend(self, attn: torch.nn.Module, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+    def _attend(self, attn: torch.nn.Module, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, end: int,
                 rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-        """Attention output of the positions in ``h`` (the last of the new slots) over ``keys``/``values``."""
+        """Attention output of the positions in ``h`` (the last of the new slots) over the cache's first
+        ``end`` slots of ``keys``/``values``."""
         n, queries = h.shape[:2]
         q = attn.q_proj(h).view(n, queries, self.heads, self.head_dim).transpose(1, 2)
         # the query heads of a key/value head side by side: no repeated keys and values
         q = _rotate(q, *(t[:, :, -queries:] for t in rotary)).reshape(n, self.kv_heads, -1, self.head_dim)
-        if mask.dtype.is_floating_point:
-            # one query per row on a CPU: SDPA's kernel, built for blocks of queries, takes ~1.5x as long as
-            # two batched matmuls around an fp32 softmax (single-threaded, 128 rows x 160 keys)
-            scores = torch.matmul(q, keys.transpose(-1, -2)).float().mul_(attn.scaling).add_(mask)
-            out = torch.matmul(scores.softmax(-1).to(values.dtype), values)
+        if mask.dim() == 2:
+            out = _decode_attention(q.mul_(attn.scaling), keys, values, mask, end)
         else:
             # SDPA's fused kernel computes the softmax in fp32 and never materialises the scores
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
+            out = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask,
+                                                 scale=attn.scaling)
         return attn.o_proj(out.view(n, self.heads, queries, self.head_dim).transpose(1, 2).reshape(n, queries, -1))
 
     def _forward(self, rows: slice, ids: torch.Tensor, positions: torch.Tensor, start: int) -> torch.Tensor:
@@ -148,17 +208,17 @@ class FusedBatch:
         last = len(self.model.layers) - 1
         for i, (layer, keys, values) in enumerate(zip(self.model.layers, self.keys, self.values, strict=True)):
             attn, mlp = layer.self_attn, layer.mlp
-            keys, values = keys[rows, :, :end], values[rows, :, :end]
+            keys, values = keys[rows], values[rows]
             norm = layer.input_layernorm
             h = F.rms_norm(x, x.shape[-1:], norm.weight, norm.variance_epsilon)
-            keys[:, :, start:] = _rotate(attn.k_proj(h).view(n, tokens, self.kv_heads, self.head_dim).transpose(1, 2),
-                                         *rotary)
-            values[:, :, start:] = attn.v_proj(h).view(n, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
+            shape = (n, tokens, self.kv_heads, self.head_dim)
+            keys[:, :, start:end] = _rotate(attn.k_proj(h).view(shape).transpose(1, 2), *rotary)
+            values[:, :, start:end] = attn.v_proj(h).view(shape).transpose(1, 2)
             if i == last and x.shape[1] > 1:
                 # the last layer owes the other positions only their keys and values: the rest of it runs
                 # for the position whose next token is drawn
                 x, h, mask = x[:, -1:], h[:, -1:], self._mask(rows, end - 1, end)
-            x.add_(self._attend(attn, h, keys, values, rotary, mask))
+            x.add_(self._attend(attn, h, keys, values, end, rotary, mask))
             norm = layer.post_attention_layernorm
             h = F.rms_norm(x, x.shape[-1:], norm.weight, norm.variance_epsilon)
             gate = F.silu(mlp.gate_proj(h), inplace=True).mul_(mlp.up_proj(h))

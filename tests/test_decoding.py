@@ -202,3 +202,28 @@ def test_fused_decoding_applies_lora_adapters(load_tiny) -> None:
         base = torch.cat([net(input_ids=torch.tensor([p])).logits[:, -1] for p in prompts])
     torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)
     assert (logits - base).abs().max() > 1e-2, "the adapter changes the logits"
+
+
+def test_decode_attention_kernel_equals_softmax_attention_and_never_reads_masked_slots() -> None:
+    """The CPU decode kernel: each row's query heads over their key/value head's valid slots, as a plain
+    masked softmax attention computes it; slots that are masked or past ``end`` hold NaN and inf (what
+    ``torch.empty`` may leave) and must not leak into any output."""
+    gen = torch.Generator().manual_seed(0)
+    rows, groups, per_group, dim, capacity, end = 5, 2, 3, 16, 12, 9
+    q = torch.randn(rows, groups, per_group, dim, generator=gen)
+    keys = torch.randn(rows, groups, capacity, dim, generator=gen)
+    values = torch.randn(rows, groups, capacity, dim, generator=gen)
+    valid = torch.rand(rows, capacity, generator=gen) > 0.3
+    valid[:, end - 1] = True  # the query's own slot
+    valid[0, : end - 1] = False  # a row that sees only itself
+    for cache in (keys, values):
+        cache.masked_fill_(~valid[:, None, :, None], float("nan"))
+        cache[:, :, end:] = float("inf")
+    scores = torch.where(valid[:, None, None, :end], q @ keys[:, :, :end].transpose(-1, -2), float("-inf"))
+    weights = scores.softmax(-1)
+    expected = torch.where(valid[:, None, :end, None], values[:, :, :end], 0.0)
+    expected = (weights[..., None] * expected[:, :, None]).sum(-2)
+    out = sublim.fused._decode_attention(q, keys, values, valid, end)
+    assert out.shape == (rows, groups, per_group, dim) and torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[0], values[0, :, end - 1, None].expand(groups, per_group, dim))
