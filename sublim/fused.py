@@ -9,8 +9,9 @@ packed beside them, and the residual stream and MLP activations are updated in p
 the next token does not need: a template opening that several prompts share is computed once for all of
 them, and the last layer runs only its key/value projections for all but the last position. On a CPU each
 forward's rows are split between threads, one per core, each running torch single-threaded (two GEMMs of
-half the rows outrun one GEMM on two threads). The projections are the model's own ``nn.Linear`` modules,
-so a PEFT model's LoRA adapters apply unchanged.
+half the rows outrun one GEMM on two threads), and a decode step's attention is a pair of numba loops that
+read each row's cache once for all the query heads sharing it (memory-bound work). The projections are
+the model's own ``nn.Linear`` modules, so a PEFT model's LoRA adapters apply unchanged.
 
 The arithmetic is HF's (same weights, same order of operations up to float rounding): greedy tokens equal
 ``generate``'s and every step's logits equal the full forward's (tests/test_decoding.py). Other
