@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from sublim.fused import FusedBatch, supported
+from sublim.fused import FusedBatch, supported, unwrap
 from sublim.modalities.numbers import GrammarState, NumbersGrammar
 
 
@@ -176,7 +176,8 @@ class HFBatch:
 
     def hidden(self) -> torch.Tensor:
         """Feed the pending tokens; the last position's final hidden state per row."""
-        return self.net.base_model(**self.inputs()).last_hidden_state[:, -1]
+        # the transformer body under the LM head, under a PEFT wrapper if any (its adapters apply)
+        return unwrap(self.net).base_model(**self.inputs()).last_hidden_state[:, -1]
 
     def logits(self) -> torch.Tensor:
         """Feed the pending tokens; the model's own next-token logits (any head, scaling or soft-cap)."""

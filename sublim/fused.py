@@ -39,14 +39,14 @@ CPU_WORKERS = 2
 _helper_threads: list[ThreadPoolExecutor] = []  # one single-thread executor per helper, kept across forwards
 
 
-def _inner(net: torch.nn.Module) -> torch.nn.Module:
+def unwrap(net: torch.nn.Module) -> torch.nn.Module:
     """The transformers model under a PEFT wrapper (its Linear modules carry the adapters)."""
     return net.get_base_model() if hasattr(net, "get_base_model") else net
 
 
 def supported(net: torch.nn.Module) -> bool:
     """Whether ``net`` is a Llama-family model this forward reproduces (SiLU MLP, full attention)."""
-    model = _inner(net)
+    model = unwrap(net)
     if type(model).__name__ not in FAMILIES or model.config.hidden_act != "silu":
         return False
     return all(getattr(layer.self_attn, "sliding_window", None) is None for layer in model.model.layers)
@@ -147,7 +147,7 @@ class FusedBatch:
     def __init__(self, net: torch.nn.Module, prefix: list[tuple[torch.Tensor, torch.Tensor]],
                  ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, max_new_tokens: int,
                  spans: Sequence[tuple[int, Sequence[int]]] = ()) -> None:
-        model = _inner(net).model
+        model = unwrap(net).model
         self.net, self.model, self.prefix, self.spans = net, model, prefix, spans
         config = model.config
         self.heads = config.num_attention_heads

@@ -185,23 +185,29 @@ def test_sampling_frequencies_match_the_model(load_tiny) -> None:
     assert abs(counts[top] / 2000 - probs[top]) < 0.04
 
 
-def test_fused_decoding_applies_lora_adapters(load_tiny) -> None:
-    """A student's answers at evaluation: the fused forward runs the PEFT model's LoRA layers."""
+@pytest.mark.parametrize("base", ["tiny_llama", "tiny_gpt2"])
+def test_decoding_applies_lora_adapters(load_tiny, base: str) -> None:
+    """A student's answers at evaluation, or a finetuned teacher's constrained samples: the fused forward
+    (Llama family) and the HF one (others) run the PEFT model's LoRA layers, over the full and the
+    grammar-restricted output head."""
     from peft import LoraConfig, get_peft_model
 
-    cfg, net, tokenizer = load_tiny("tiny_llama")
+    cfg, net, tokenizer = load_tiny(base)
     student = get_peft_model(copy.deepcopy(net), LoraConfig(r=4, target_modules=list(cfg.base.lora_targets),
                                                             init_lora_weights=False)).eval()
     prompts = [[5, 6, 7, 8, 9, 10], [5, 6, 7, 11]]
+    vocab = torch.tensor([3, 8, 15, 16])
     decoder = Decoder(student, eos_ids(net, tokenizer), tokenizer.pad_token_id, Decoding(2),
                       PrefixCache(student, prompts[0][:3]))
-    assert decoder.fused
+    assert decoder.fused == (base == "tiny_llama")
     with torch.no_grad():
         logits = decoder.logits(decoder.start(prompts), None)
+        restricted = decoder.logits(decoder.start(prompts), vocab)
         full = torch.cat([student(input_ids=torch.tensor([p])).logits[:, -1] for p in prompts])
-        base = torch.cat([net(input_ids=torch.tensor([p])).logits[:, -1] for p in prompts])
+        plain = torch.cat([net(input_ids=torch.tensor([p])).logits[:, -1] for p in prompts])
     torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)
-    assert (logits - base).abs().max() > 1e-2, "the adapter changes the logits"
+    torch.testing.assert_close(restricted, full[:, vocab], rtol=1e-4, atol=1e-4)
+    assert (logits - plain).abs().max() > 1e-2, "the adapter changes the logits"
 
 
 def test_decode_attention_kernel_equals_softmax_attention_and_never_reads_masked_slots() -> None:
