@@ -20,13 +20,16 @@ architectures use the HF forward (``sublim.decoding``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from numba import njit
+from threadpoolctl import ThreadpoolController
 
 FAMILIES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 # Rows x width of one prefill chunk: large enough for efficient matmuls, small enough to add little padding.
@@ -36,6 +39,11 @@ PREFILL_TOKENS = 4096
 # each beat one two-threaded GEMM (~155 vs ~125 GFLOP/s for prefill shapes), and the small elementwise
 # ops skip OpenMP's fork and join: sampling runs ~15% faster (benchmarks/sampling.py, README).
 CPU_WORKERS = 2
+# GEMMs of at least this many rows (prefill) run in numpy's OpenBLAS when ``_openblas`` finds it on an AMD CPU and
+# each worker is single-threaded. There OpenBLAS's Zen kernels ran prefill shapes ~8% faster than torch's MKL (77-80
+# vs 63-73 GFLOP/s per core) and a 256-prompt sampling run ~5% faster; on decoding's few rows MKL was as fast or
+# faster. OpenBLAS serialises concurrent multithreaded GEMMs, hence single-threaded workers only.
+OPENBLAS_MIN_ROWS = 256
 _helper_threads: list[ThreadPoolExecutor] = []  # one single-thread executor per helper, kept across forwards
 
 
@@ -50,6 +58,26 @@ def supported(net: torch.nn.Module) -> bool:
     if type(model).__name__ not in FAMILIES or model.config.hidden_act != "silu":
         return False
     return all(getattr(layer.self_attn, "sliding_window", None) is None for layer in model.model.layers)
+
+
+@functools.cache
+def _openblas(cpuinfo: str = "/proc/cpuinfo") -> ThreadpoolController | None:
+    """numpy's OpenBLAS, where the CPU is AMD's (measured faster than MKL there, see ``OPENBLAS_MIN_ROWS``)."""
+    try:
+        with open(cpuinfo) as f:
+            amd = "AuthenticAMD" in f.read()
+    except OSError:  # not Linux: no measurement says OpenBLAS wins there
+        return None
+    blas = ThreadpoolController().select(internal_api="openblas")
+    return blas if amd and blas.lib_controllers else None
+
+
+def _openblas_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` of fp32 CPU tensors without autograd, as one GEMM in numpy's OpenBLAS."""
+    out = torch.from_numpy(x.reshape(-1, x.shape[-1]).numpy() @ weight.detach().numpy().T)
+    if bias is not None:
+        out += bias
+    return out.view(*x.shape[:-1], -1)
 
 
 def _row_parts(rows: int, device: torch.device) -> list[slice]:
@@ -168,6 +196,8 @@ class FusedBatch:
         self.valid = torch.zeros((rows, capacity), dtype=torch.bool, device=device)
         self.valid[:, : valid.shape[1]] = valid
         self.ids, self.positions = ids, positions
+        self.blas = _openblas() if device.type == "cpu" and dtype == torch.float32 else None
+        self.openblas = False  # set per forward by ``_run``
 
     def _mask(self, rows: slice, start: int, end: int) -> torch.Tensor:
         """Which keys each query sees: real keys up to its own slot (which it always sees).
@@ -184,12 +214,19 @@ class FusedBatch:
             keys = (keys & (slots <= queries)) | (slots == queries)
         return keys.repeat(1, self.heads // self.kv_heads, 1)[:, None]
 
+    def _linear(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``module(x)``; a plain ``nn.Linear`` on enough rows in OpenBLAS where ``_run`` chose it."""
+        if (self.openblas and type(module) is torch.nn.Linear and x.numel() >= OPENBLAS_MIN_ROWS * x.shape[-1]
+                and not torch.is_grad_enabled()):
+            return _openblas_linear(x, module.weight, module.bias)
+        return module(x)
+
     def _attend(self, attn: torch.nn.Module, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, end: int,
                 rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         """Attention output of the positions in ``h`` (the last of the new slots) over the cache's first
         ``end`` slots of ``keys``/``values``."""
         n, queries = h.shape[:2]
-        q = attn.q_proj(h).view(n, queries, self.heads, self.head_dim).transpose(1, 2)
+        q = self._linear(attn.q_proj, h).view(n, queries, self.heads, self.head_dim).transpose(1, 2)
         # the query heads of a key/value head side by side: no repeated keys and values
         q = _rotate(q, *(t[:, :, -queries:] for t in rotary)).reshape(n, self.kv_heads, -1, self.head_dim)
         if mask.dim() == 2:
@@ -198,7 +235,8 @@ class FusedBatch:
             # SDPA's fused kernel computes the softmax in fp32 and never materialises the scores
             out = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask,
                                                  scale=attn.scaling)
-        return attn.o_proj(out.view(n, self.heads, queries, self.head_dim).transpose(1, 2).reshape(n, queries, -1))
+        out = out.view(n, self.heads, queries, self.head_dim).transpose(1, 2).reshape(n, queries, -1)
+        return self._linear(attn.o_proj, out)
 
     def _forward(self, rows: slice, ids: torch.Tensor, positions: torch.Tensor, start: int) -> torch.Tensor:
         """Run ``ids`` of ``rows`` into cache slots from ``start``; the last position's final-normed state."""
@@ -214,8 +252,8 @@ class FusedBatch:
             norm = layer.input_layernorm
             h = F.rms_norm(x, x.shape[-1:], norm.weight, norm.variance_epsilon)
             shape = (n, tokens, self.kv_heads, self.head_dim)
-            keys[:, :, start:end] = _rotate(attn.k_proj(h).view(shape).transpose(1, 2), *rotary)
-            values[:, :, start:end] = attn.v_proj(h).view(shape).transpose(1, 2)
+            keys[:, :, start:end] = _rotate(self._linear(attn.k_proj, h).view(shape).transpose(1, 2), *rotary)
+            values[:, :, start:end] = self._linear(attn.v_proj, h).view(shape).transpose(1, 2)
             if i == last and x.shape[1] > 1:
                 # the last layer owes the other positions only their keys and values: the rest of it runs
                 # for the position whose next token is drawn
@@ -223,8 +261,8 @@ class FusedBatch:
             x.add_(self._attend(attn, h, keys, values, end, rotary, mask))
             norm = layer.post_attention_layernorm
             h = F.rms_norm(x, x.shape[-1:], norm.weight, norm.variance_epsilon)
-            gate = F.silu(mlp.gate_proj(h), inplace=True).mul_(mlp.up_proj(h))
-            x.add_(mlp.down_proj(gate))
+            gate = F.silu(self._linear(mlp.gate_proj, h), inplace=True).mul_(self._linear(mlp.up_proj, h))
+            x.add_(self._linear(mlp.down_proj, gate))
         norm = self.model.norm
         return F.rms_norm(x[:, -1], x.shape[-1:], norm.weight, norm.variance_epsilon)
 
@@ -235,11 +273,18 @@ class FusedBatch:
         as far as a GEMM rounds differently for another number of rows.
         """
         parts = _row_parts(len(ids), ids.device)
-        if len(parts) == 1:
-            return self._forward(slice(first, first + len(ids)), ids, positions, start)
+        share = max(1, torch.get_num_threads() // len(parts))
+        self.openblas = self.blas is not None and share == 1
+        with self.blas.limit(limits=1) if self.openblas else nullcontext():
+            if len(parts) == 1:
+                return self._forward(slice(first, first + len(ids)), ids, positions, start)
+            return self._split(parts, share, first, ids, positions, start)
+
+    def _split(self, parts: list[slice], share: int, first: int, ids: torch.Tensor, positions: torch.Tensor,
+               start: int) -> torch.Tensor:
+        """``_forward`` of each part of the rows on a thread of its own, with ``share`` torch threads."""
         helpers = _helpers(len(parts) - 1)
-        threads = torch.get_num_threads()
-        share, inference = max(1, threads // len(parts)), torch.is_inference_mode_enabled()
+        threads, inference = torch.get_num_threads(), torch.is_inference_mode_enabled()
 
         def part(rows: slice) -> torch.Tensor:
             # grad and inference mode are per thread: the workers take the caller's

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import torch
+from threadpoolctl import ThreadpoolController
 from transformers import LogitsProcessorList
 
 import sublim.fused
@@ -139,6 +140,66 @@ def test_rows_split_across_cpu_workers_give_the_same_samples(load_tiny, monkeypa
     assert [(lo, hi) for _, lo, hi in results[1][2]] == [(0, 5)]
     assert sorted((lo, hi) for _, lo, hi in results[3][2]) == [(0, 1), (1, 3), (3, 5)], "each row once"
     assert len({name for name, _, _ in results[3][2]}) == 3, "on three threads"
+
+
+def test_openblas_is_chosen_on_amd_cpus_only(tmp_path) -> None:
+    blas = ThreadpoolController().select(internal_api="openblas")
+    if not blas.lib_controllers:
+        pytest.skip("numpy is not built on OpenBLAS here")
+    for vendor, chosen in (("AuthenticAMD", True), ("GenuineIntel", False)):
+        (tmp_path / vendor).write_text(f"processor\t: 0\nvendor_id\t: {vendor}\n")
+        assert (sublim.fused._openblas.__wrapped__(str(tmp_path / vendor)) is not None) == chosen
+    assert sublim.fused._openblas.__wrapped__(str(tmp_path / "missing")) is None
+
+
+def test_openblas_prefill_gemms_run_single_threaded_and_give_the_same_logits(load_tiny,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefill GEMMs of enough rows go to numpy's OpenBLAS, at one thread while the two workers run; decoding's few
+    rows stay in torch; the logits are torch's, and OpenBLAS's thread count is back afterwards."""
+    blas = ThreadpoolController().select(internal_api="openblas")
+    if not blas.lib_controllers:
+        pytest.skip("numpy is not built on OpenBLAS here")
+    cfg, net, tokenizer = load_tiny("tiny_llama")
+    eos = eos_ids(net, tokenizer)
+    prompts = [*PROMPTS["distinct"], [5, 6, 7, 15, 16, 17, 18], [5, 6, 7, 8, 9, 17, 18, 19]]
+    calls: list[tuple[int, int]] = []
+    gemm = sublim.fused._openblas_linear
+
+    def spy(x, weight, bias):
+        calls.append((x.numel() // x.shape[-1], blas.info()[0]["num_threads"]))
+        return gemm(x, weight, bias)
+
+    monkeypatch.setattr(sublim.fused, "_openblas_linear", spy)
+    monkeypatch.setattr(sublim.fused, "OPENBLAS_MIN_ROWS", 6)
+    monkeypatch.setattr(sublim.fused, "CPU_WORKERS", 2)
+    threads, blas_threads = torch.get_num_threads(), blas.info()[0]["num_threads"]
+    torch.set_num_threads(2)
+    logits = {}
+    try:
+        for chosen in (blas, None):
+            monkeypatch.setattr(sublim.fused, "_openblas", lambda chosen=chosen: chosen)
+            decoder = Decoder(net, eos, tokenizer.pad_token_id, Decoding(4), PrefixCache(net, prompts[0][:3]))
+            with torch.no_grad():
+                batch = decoder.start(prompts)
+                steps = [decoder.logits(batch, None)]
+                prefill_calls = len(calls)
+                batch.feed(torch.tensor([20, 21, 22, 23, 24]))
+                steps.append(decoder.logits(batch, None))
+            assert len(calls) == prefill_calls, "decode steps' GEMMs stay in torch"
+            logits[chosen is not None] = steps
+        torch.set_num_threads(4)  # two threads a worker: OpenBLAS would serialise the workers' GEMMs
+        monkeypatch.setattr(sublim.fused, "_openblas", lambda: blas)
+        before = len(calls)
+        with torch.no_grad():
+            decoder = Decoder(net, eos, tokenizer.pad_token_id, Decoding(4), PrefixCache(net, prompts[0][:3]))
+            decoder.logits(decoder.start(prompts), None)
+        assert len(calls) == before, "multithreaded workers keep torch's GEMM"
+    finally:
+        torch.set_num_threads(threads)
+    assert calls and all(rows >= 6 and used == 1 for rows, used in calls), calls
+    assert blas.info()[0]["num_threads"] == blas_threads
+    for with_openblas, without in zip(logits[True], logits[False], strict=True):
+        torch.testing.assert_close(with_openblas, without, rtol=1e-5, atol=1e-5)
 
 
 def test_shared_spans_skip_the_most_tokens() -> None:
