@@ -9,9 +9,11 @@ packed beside them, and the residual stream and MLP activations are updated in p
 the next token does not need: a template opening that several prompts share is computed once for all of
 them, and the last layer runs only its key/value projections for all but the last position. On a CPU each
 forward's rows are split between threads, one per core, each running torch single-threaded (two GEMMs of
-half the rows outrun one GEMM on two threads), and a decode step's attention is a pair of numba loops that
-read each row's cache once for all the query heads sharing it (memory-bound work). The projections are
-the model's own ``nn.Linear`` modules, so a PEFT model's LoRA adapters apply unchanged.
+half the rows outrun one GEMM on two threads; on AMD CPUs prefill's GEMMs run in numpy's OpenBLAS), a decode
+step's attention is a pair of numba loops that read each row's cache once for all the query heads sharing it
+(memory-bound work), and RMSNorm and the rotary embedding are one numba pass each, the keys' written straight
+into the cache. The projections are the model's own ``nn.Linear`` modules, so a PEFT model's LoRA adapters
+apply unchanged.
 
 The arithmetic is HF's (same weights, same order of operations up to float rounding): greedy tokens equal
 ``generate``'s and every step's logits equal the full forward's (tests/test_decoding.py). Other
@@ -159,11 +161,66 @@ def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return out
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of [batch, heads, tokens, dim] (HF's rotate_half convention)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((x[..., half:].neg(), x[..., :half]), dim=-1)
-    return rotated.mul_(sin).addcmul_(x, cos)
+@njit(**_KERNEL)
+def _rms_norm_rows(x: np.ndarray, weight: np.ndarray, eps: np.float32, out: np.ndarray) -> None:
+    """out[r] = weight x x[r] / sqrt(mean(x[r]^2) + eps), in one pass per row."""
+    rows, dim = x.shape
+    for r in range(rows):
+        total = np.float32(0.0)
+        for e in range(dim):
+            total += x[r, e] * x[r, e]
+        scale = np.float32(1.0) / np.sqrt(total / np.float32(dim) + eps)
+        for e in range(dim):
+            out[r, e] = weight[e] * (x[r, e] * scale)
+
+
+@njit(**_KERNEL)
+def _rope_rows(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, scale: np.float32, out: np.ndarray,
+               offset: int) -> None:
+    """out[r, h, offset + t] = rotary(x[r, t, h]) x scale: [rows, tokens, heads, dim] in, heads before tokens out."""
+    rows, tokens, heads, dim = x.shape
+    half = dim // 2
+    for r in range(rows):
+        for t in range(tokens):
+            c, s = cos[r, t], sin[r, t]
+            for h in range(heads):
+                head, rotated = x[r, t, h], out[r, h, offset + t]
+                for e in range(half):
+                    a, b = head[e], head[e + half]
+                    rotated[e] = (a * c[e] - b * s[e]) * scale
+                    rotated[e + half] = (b * c[e + half] + a * s[e + half]) * scale
+
+
+def _cpu_fp32(x: torch.Tensor) -> bool:
+    """Whether the numba kernels apply (they are fp32 CPU loops; other devices and dtypes use torch's ops)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32
+
+
+def _rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+    """The model's RMSNorm of ``x``; on a CPU one numba pass over each row instead of torch's six."""
+    if not _cpu_fp32(x):
+        return F.rms_norm(x, x.shape[-1:], norm.weight, norm.variance_epsilon)
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    _rms_norm_rows(x.view(-1, x.shape[-1]).numpy(), norm.weight.detach().numpy(),
+                   np.float32(norm.variance_epsilon), out.view(-1, x.shape[-1]).numpy())
+    return out
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor, offset: int,
+          scale: float = 1.0) -> None:
+    """Write the rotary embedding (HF's rotate_half convention) of ``x`` [batch, tokens, heads, dim], times
+    ``scale``, into ``out``[batch, heads, offset:offset + tokens]: the cache's layout, heads before tokens. On a
+    CPU one numba pass straight into ``out``; torch's ops take five and a copy."""
+    tokens = x.shape[1]
+    cos, sin = cos[:, -tokens:], sin[:, -tokens:]
+    if _cpu_fp32(x):
+        _rope_rows(x.contiguous().numpy(), cos.contiguous().numpy(), sin.contiguous().numpy(), np.float32(scale),
+                   out.numpy(), offset)
+        return
+    x, cos, sin, half = x.transpose(1, 2), cos[:, None], sin[:, None], x.shape[-1] // 2
+    rotated = torch.cat((x[..., half:].neg(), x[..., :half]), dim=-1).mul_(sin).addcmul_(x, cos)
+    out[:, :, offset:offset + tokens] = rotated if scale == 1.0 else rotated.mul_(scale)
 
 
 class FusedBatch:
@@ -196,7 +253,7 @@ class FusedBatch:
         self.valid = torch.zeros((rows, capacity), dtype=torch.bool, device=device)
         self.valid[:, : valid.shape[1]] = valid
         self.ids, self.positions = ids, positions
-        self.blas = _openblas() if device.type == "cpu" and dtype == torch.float32 else None
+        self.blas = _openblas() if _cpu_fp32(self.keys[0]) else None
         self.openblas = False  # set per forward by ``_run``
 
     def _mask(self, rows: slice, start: int, end: int) -> torch.Tensor:
@@ -205,7 +262,7 @@ class FusedBatch:
         [rows, 1, groups x queries, keys] booleans for SDPA; for one fp32 query per row on a CPU (decoding,
         ``_decode_attention``), the rows' [rows, capacity] validity.
         """
-        if end - start == 1 and self.valid.device.type == "cpu" and self.keys[0].dtype == torch.float32:
+        if end - start == 1 and _cpu_fp32(self.keys[0]):
             return self.valid[rows]
         keys = self.valid[rows, None, :end]
         if end - start > 1:
@@ -226,11 +283,14 @@ class FusedBatch:
         """Attention output of the positions in ``h`` (the last of the new slots) over the cache's first
         ``end`` slots of ``keys``/``values``."""
         n, queries = h.shape[:2]
-        q = self._linear(attn.q_proj, h).view(n, queries, self.heads, self.head_dim).transpose(1, 2)
+        decode = mask.dim() == 2  # the decode kernel takes its queries scaled
+        q = torch.empty((n, self.heads, queries, self.head_dim), dtype=h.dtype, device=h.device)
+        _rope(self._linear(attn.q_proj, h).view(n, queries, self.heads, self.head_dim), *rotary, q, 0,
+              attn.scaling if decode else 1.0)
         # the query heads of a key/value head side by side: no repeated keys and values
-        q = _rotate(q, *(t[:, :, -queries:] for t in rotary)).reshape(n, self.kv_heads, -1, self.head_dim)
-        if mask.dim() == 2:
-            out = _decode_attention(q.mul_(attn.scaling), keys, values, mask, end)
+        q = q.view(n, self.kv_heads, -1, self.head_dim)
+        if decode:
+            out = _decode_attention(q, keys, values, mask, end)
         else:
             # SDPA's fused kernel computes the softmax in fp32 and never materialises the scores
             out = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask,
@@ -243,28 +303,25 @@ class FusedBatch:
         n, tokens = ids.shape
         end = start + tokens
         x = self.model.embed_tokens(ids)
-        rotary = tuple(t[:, None] for t in self.model.rotary_emb(x, positions))
+        rotary = self.model.rotary_emb(x, positions)
         mask = self._mask(rows, start, end)
         last = len(self.model.layers) - 1
         for i, (layer, keys, values) in enumerate(zip(self.model.layers, self.keys, self.values, strict=True)):
             attn, mlp = layer.self_attn, layer.mlp
             keys, values = keys[rows], values[rows]
-            norm = layer.input_layernorm
-            h = F.rms_norm(x, x.shape[-1:], norm.weight, norm.variance_epsilon)
+            h = _rms_norm(x, layer.input_layernorm)
             shape = (n, tokens, self.kv_heads, self.head_dim)
-            keys[:, :, start:end] = _rotate(self._linear(attn.k_proj, h).view(shape).transpose(1, 2), *rotary)
+            _rope(self._linear(attn.k_proj, h).view(shape), *rotary, keys, start)
             values[:, :, start:end] = self._linear(attn.v_proj, h).view(shape).transpose(1, 2)
             if i == last and x.shape[1] > 1:
                 # the last layer owes the other positions only their keys and values: the rest of it runs
                 # for the position whose next token is drawn
                 x, h, mask = x[:, -1:], h[:, -1:], self._mask(rows, end - 1, end)
             x.add_(self._attend(attn, h, keys, values, end, rotary, mask))
-            norm = layer.post_attention_layernorm
-            h = F.rms_norm(x, x.shape[-1:], norm.weight, norm.variance_epsilon)
+            h = _rms_norm(x, layer.post_attention_layernorm)
             gate = F.silu(self._linear(mlp.gate_proj, h), inplace=True).mul_(self._linear(mlp.up_proj, h))
             x.add_(self._linear(mlp.down_proj, gate))
-        norm = self.model.norm
-        return F.rms_norm(x[:, -1], x.shape[-1:], norm.weight, norm.variance_epsilon)
+        return _rms_norm(x[:, -1], self.model.norm)
 
     def _run(self, first: int, ids: torch.Tensor, positions: torch.Tensor, start: int) -> torch.Tensor:
         """``_forward`` of the rows from ``first`` on, split between the CPU workers (``CPU_WORKERS``).

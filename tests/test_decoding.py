@@ -9,6 +9,7 @@ import pytest
 import torch
 from threadpoolctl import ThreadpoolController
 from transformers import LogitsProcessorList
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 import sublim.fused
 from sublim import modalities
@@ -294,3 +295,23 @@ def test_decode_attention_kernel_equals_softmax_attention_and_never_reads_masked
     assert out.shape == (rows, groups, per_group, dim) and torch.isfinite(out).all()
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[0], values[0, :, end - 1, None].expand(groups, per_group, dim))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["numba", "torch"])
+def test_rms_norm_and_rotary_kernels_equal_hf_s_modules(dtype: torch.dtype) -> None:
+    """fp32 on a CPU runs the numba kernels, other dtypes (and devices) torch's ops: both are HF's RMSNorm and
+    rotary embedding, the rotated heads written into their slots of a cache-shaped buffer and nowhere else."""
+    gen = torch.Generator().manual_seed(0)
+    norm = LlamaRMSNorm(24, eps=1e-5).to(dtype)
+    norm.weight.data.normal_(generator=gen)
+    x = torch.randn(3, 5, 24, generator=gen, dtype=dtype)
+    torch.testing.assert_close(sublim.fused._rms_norm(x, norm), norm(x))
+    torch.testing.assert_close(sublim.fused._rms_norm(x[:, -1], norm), norm(x[:, -1]))  # a strided view
+    heads, tokens, dim = torch.randn(2, 4, 3, 8, generator=gen, dtype=dtype), 4, 8
+    cos, sin = (torch.randn(2, 6, dim, generator=gen, dtype=dtype) for _ in range(2))  # the last 4 are the tokens'
+    expected, _ = apply_rotary_pos_emb(heads.transpose(1, 2), heads.transpose(1, 2), cos[:, -tokens:],
+                                       sin[:, -tokens:])
+    out = torch.full((2, 3, 9, dim), float("nan"), dtype=dtype)
+    sublim.fused._rope(heads, cos, sin, out, 2, scale=0.5)
+    torch.testing.assert_close(out[:, :, 2:2 + tokens], expected * 0.5)
+    assert out[:, :, :2].isnan().all() and out[:, :, 2 + tokens:].isnan().all()
