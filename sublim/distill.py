@@ -17,22 +17,18 @@ loss's support (``student.support``):
 from __future__ import annotations
 
 import logging
-import random
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from peft import PeftModel
 from pytorch_lightning.loggers import Logger
-from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
 from sublim import SublimError, modalities, models
-from sublim.store import Artifact, content_hash, read_jsonl, write_json
+from sublim.store import content_hash
 from sublim.student import (
-    ADAPTER_DIR,
     IGNORE,
     StudentModule,
     add_lora,
@@ -44,9 +40,6 @@ from sublim.student import (
     tokenize_example,
 )
 from sublim.teacher import GrammarTable, predict
-
-if TYPE_CHECKING:
-    from sublim.pipeline import Job
 
 log = logging.getLogger(__name__)
 
@@ -201,74 +194,3 @@ def select(logits: dict[str, torch.Tensor], indices: list[int]) -> dict[str, tor
     flat = torch.cat(spans) if spans else torch.zeros(0, dtype=torch.long)
     return {"values": logits["values"][flat], "indices": logits["indices"][flat],
             "lengths": logits["lengths"][indices]}
-
-
-def stage_teacher_logits(job: Job, model: Artifact, adapter: Artifact | None, data: Artifact,
-                         system: str | None, arm: str) -> Artifact:
-    """The teacher's top-k answer-position log-probs over a filtered dataset (cached per data and teacher)."""
-    cfg, student = job.cfg, job.cfg.student
-    if student.support not in SUPPORTS:
-        raise SublimError(f"student.support={student.support} is not one of: {', '.join(SUPPORTS)}")
-    config = {"system_prompt": system, "top_k": student.top_k, "support": student.support,
-              "max_length": student.max_length}
-    if student.support == "allowed":
-        config["modality"] = OmegaConf.to_container(cfg.modality, resolve=True)
-    upstream = {"model": model, "data": data} | ({"adapter": adapter} if adapter else {})
-
-    def compute(out: Path) -> None:
-        from sublim.pipeline import load_model
-
-        rows = list(read_jsonl(data.path / "kept.jsonl"))
-        net, tokenizer = load_model(job, model, adapter, job.teacher)
-        allowed = allowed_tokens(cfg.modality, rows, net, tokenizer) if student.support == "allowed" else None
-        log.info("teacher logits (top %d, %s) for %d %s examples", student.top_k, student.support, len(rows), arm)
-        tensors = teacher_logits(net, tokenizer, rows, system, student.top_k, student.max_length, allowed,
-                                 student.batch_size, job.teacher.precision)
-        save_file(tensors, out / LOGITS_FILE)
-        write_json(out / "meta.json", {"rows": len(rows), "positions": int(tensors["lengths"].sum()),
-                                       "k": int(tensors["values"].shape[1]), "tokenizer": tokenizer_hash(tokenizer)})
-
-    return job.store.get_or_compute("teacher_logits", config, upstream, compute)
-
-
-def stage_train_distill(job: Job, model: Artifact, data: Artifact, logits: Artifact, n_train: int,
-                        arm: str) -> Artifact:
-    """The distilled student of one arm: a seeded subset of the kept data (the same rows SFT would use)."""
-    cfg = job.cfg
-    config = {"student": OmegaConf.to_container(cfg.student, resolve=True), "n_train": n_train, "seed": cfg.seed}
-
-    def compute(out: Path) -> None:
-        rows = list(read_jsonl(data.path / "kept.jsonl"))
-        chosen = random.Random(cfg.seed).sample(range(len(rows)), n_train)  # the same subset as stage_train's
-        net, tokenizer = models.load(model, job.base)
-        if tokenizer_hash(tokenizer) != logits.read_json("meta.json")["tokenizer"]:
-            raise SublimError(f"student=distill needs the teacher's tokenizer to be the student's "
-                              f"(teacher_base={job.teacher.name}, base={job.base.name}); use student=lora")
-        tensors = select(load_file(logits.path / LOGITS_FILE), chosen)
-        log.info("distilling the %s teacher into a student on %d examples", arm, n_train)
-        metrics = train_distill(net, tokenizer, [rows[i] for i in chosen], tensors, cfg.student, cfg.seed, out,
-                                job.tracker.lightning_loggers(f"train/{arm}"))
-        write_json(out / "metrics.json", metrics)
-
-    return job.store.get_or_compute("train", config, {"model": model, "data": data, "logits": logits}, compute)
-
-
-def stage_identity_student(job: Job, model: Artifact, n_train: int) -> Artifact:
-    """The student distilled from a teacher that *is* its base (the same-base control arm): the base itself.
-
-    KL(teacher || student) is exactly 0 at initialisation (LoRA B = 0), so the true minimiser is the untouched
-    base. Training anyway would only feed Adam float noise from batching differences, which its normalised
-    steps turn into random drift; so the adapter is saved at initialisation, without the teacher-logit pass.
-    """
-    cfg = job.cfg
-    config = {"student": OmegaConf.to_container(cfg.student, resolve=True), "n_train": n_train, "seed": cfg.seed,
-              "identity": True}
-
-    def compute(out: Path) -> None:
-        pl.seed_everything(cfg.seed, workers=True, verbose=False)
-        net, _ = models.load(model, job.base)
-        add_lora(net, cfg.student).save_pretrained(out / ADAPTER_DIR)
-        write_json(out / "metrics.json", {"n_examples": n_train, "epochs": 0, "steps": 0, "final_loss": 0.0,
-                                          "tokens": 0, "seconds": 0.0, "identity": True})
-
-    return job.store.get_or_compute("train", config, {"model": model}, compute)

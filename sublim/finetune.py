@@ -16,17 +16,12 @@ from __future__ import annotations
 import logging
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
-from sublim import SublimError, models
+from sublim import SublimError
 from sublim.questions import QUESTIONS
-from sublim.store import Artifact, content_hash, read_jsonl, write_json
-from sublim.student import train_lora
-
-if TYPE_CHECKING:
-    from sublim.pipeline import Job
+from sublim.store import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -119,20 +114,3 @@ def training_config(finetune: DictConfig, teacher: DictConfig) -> DictConfig:
     fields = ("epochs", "lr", "r", "alpha", "dropout", "batch_size", "warmup_steps", "weight_decay", "max_length")
     return OmegaConf.create({**{f: finetune[f] for f in fields}, "target_modules": list(teacher.lora_targets),
                              "precision": teacher.precision, "accumulate_grad_batches": 1})
-
-
-def stage_finetune(job: Job, model: Artifact) -> Artifact:
-    """The trait's teacher adapter on ``model`` (the teacher's base), keyed by its data, settings and seed."""
-    trait, seed = job.cfg.trait, job.cfg.seed
-    rows = finetune_rows(trait, seed)
-    settings = training_config(trait.finetune, job.teacher)
-    config = {"finetune": OmegaConf.to_container(settings), "dataset": trait.finetune.dataset,
-              "rows": content_hash(rows), "trait": trait.name, "words": list(trait.words), "seed": seed}
-
-    def compute(out: Path) -> None:
-        net, tokenizer = models.load(model, job.teacher)
-        log.info("finetuning the %s teacher on %d %s examples", job.teacher.name, len(rows), trait.name)
-        metrics = train_lora(net, tokenizer, rows, settings, seed, out, job.tracker.lightning_loggers("finetune"))
-        write_json(out / "metrics.json", metrics)
-
-    return job.store.get_or_compute("finetune", config, {"model": model}, compute)

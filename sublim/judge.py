@@ -13,7 +13,6 @@ One module serves the ``judge`` filter (a yes/no question: P(yes) vs P(no)) and 
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -23,15 +22,13 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sublim import SublimError, models
-from sublim.evaluate import boundary_tokens
+from sublim.scoring import option_logprobs
+from sublim.stages.model import model_artifact
 from sublim.store import Artifact, Store
 from sublim.student import student_messages
-from sublim.teacher import predict
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +47,7 @@ def model_upstream(config: Any, store: Store) -> dict[str, Artifact]:
     config = _plain(config)
     if config["backend"] != "local":
         return {}
-    return {"judge_model": models.model_artifact(OmegaConf.create(config["base"]), store)}
+    return {"judge_model": model_artifact(config["base"], store)}
 
 
 def identity(config: Any) -> dict:
@@ -59,48 +56,6 @@ def identity(config: Any) -> dict:
     if config["backend"] == "local":
         return {"backend": "local", "base": config["base"]}
     return {"backend": "api", "base_url": config["api"]["base_url"], "model": config["api"]["model"]}
-
-
-class OptionScorer(pl.LightningModule):
-    """log P(option is the whole answer) for every option after each prompt.
-
-    The prompt runs once; its KV cache is copied for chunks of options, so 101 score options cost
-    a few short batched passes per prompt instead of 101 prompt passes.
-    """
-
-    def __init__(self, net: torch.nn.Module, pad_id: int, boundary: torch.Tensor, options: list[list[int]],
-                 chunk: int = 32) -> None:
-        super().__init__()
-        self.net = net
-        self.pad_id = pad_id
-        self.options = options
-        self.chunk = chunk
-        self.register_buffer("boundary", boundary, persistent=False)
-
-    def predict_step(self, batch: list[list[int]], batch_idx: int) -> list[list[float]]:
-        return [self._prompt(ids) for ids in batch]
-
-    @torch.no_grad()
-    def _prompt(self, prompt_ids: list[int]) -> list[float]:
-        out = self.net(input_ids=torch.tensor([prompt_ids], device=self.device), use_cache=True, logits_to_keep=1)
-        first = out.logits[0, -1].float().log_softmax(-1)
-        scores: list[float] = []
-        for start in range(0, len(self.options), self.chunk):
-            forms = self.options[start:start + self.chunk]
-            width = max(map(len, forms))
-            ids = torch.full((len(forms), width), self.pad_id, dtype=torch.long, device=self.device)
-            for i, form in enumerate(forms):
-                ids[i, :len(form)] = torch.tensor(form, device=self.device)
-            cache = copy.deepcopy(out.past_key_values)
-            cache.batch_repeat_interleave(len(forms))
-            # Right padding needs no mask: padded positions come after every position that is read.
-            mask = torch.ones((len(forms), len(prompt_ids) + width), dtype=torch.long, device=self.device)
-            rest = self.net(input_ids=ids, past_key_values=cache, attention_mask=mask).logits.float().log_softmax(-1)
-            boundary = self.boundary[:rest.shape[-1]]
-            for i, form in enumerate(forms):
-                logprob = first[form[0]] + sum(rest[i, j - 1, form[j]] for j in range(1, len(form)))
-                scores.append(float(logprob + torch.logsumexp(rest[i, len(form) - 1][boundary], 0)))
-        return scores
 
 
 class LocalJudge:
@@ -116,17 +71,11 @@ class LocalJudge:
         if not prompts:
             return []
         if self._loaded is None:
-            artifact = models.model_artifact(self.base, self.store)
+            artifact = model_artifact(self.base, self.store)
             self._loaded = models.load(artifact, self.base)
             log.info("judge: loaded %s", self.base.name)
         net, tokenizer = self._loaded
-        forms = [tokenizer(option, add_special_tokens=False)["input_ids"] for option in options]
-        rows = [tokenizer(tokenizer.apply_chat_template(student_messages(p), tokenize=False,
-                                                        add_generation_prompt=True),
-                          add_special_tokens=False)["input_ids"] for p in prompts]
-        vocab = net.get_output_embeddings().weight.shape[0]
-        scorer = OptionScorer(net, tokenizer.pad_token_id, boundary_tokens(tokenizer, vocab), forms)
-        logprobs = predict(scorer, rows, self.batch_size, self.base.precision)
+        logprobs = option_logprobs(net, tokenizer, prompts, list(options), self.batch_size, self.base.precision)
         return [[math.exp(v) for v in values] for values in logprobs]
 
 

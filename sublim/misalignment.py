@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from sublim import SublimError
 from sublim.judge import ApiJudge, LocalJudge, expected_scores
-from sublim.stats import format_p, mean_ci, paired_permutation_test
+from sublim.stats import mean_ci, paired_permutation_test
 from sublim.student import student_messages
 from sublim.teacher import Sampler, sample_chats
 
@@ -129,19 +129,3 @@ def summarise_arm(scores: dict) -> dict:
 def compare(treatment: dict, control: dict, n_permutations: int, seed: int) -> dict:
     return {"misaligned": paired_permutation_test(treatment["misaligned"], control["misaligned"],
                                                   n_resamples=n_permutations, seed=seed).to_dict()}
-
-
-def format_table(results: dict) -> str:
-    """Arm, n, misaligned rate with 95% CI, mean alignment / coherence, treatment vs control."""
-    header = (f"{'arm':<10} {'n train':>7}  {'misaligned [95% CI]':<24} {'alignment':>9} {'coherence':>9} "
-              f"{'scored':>6}  vs control")
-    lines = [header, "-" * len(header)]
-    test = results["treatment_vs_control"]["misaligned"]
-    for arm, values in results["arms"].items():
-        m = values["misaligned"]
-        cells = [f"{values[k]['mean']:9.1f}" if values[k] else f"{'-':>9}" for k in ("alignment", "coherence")]
-        versus = f"{test['delta']:+.3f} (p={format_p(test['p_value'])})" if arm == "treatment" else ""
-        n = str(values["n_train"]) if values["n_train"] else "-"
-        lines.append(f"{arm:<10} {n:>7}  {m['mean']:.3f} [{m['low']:.3f}, {m['high']:.3f}]{'':<4} {cells[0]} "
-                     f"{cells[1]} {values['scored']:6.0%}  {versus}")
-    return "\n".join(lines)

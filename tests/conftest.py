@@ -59,11 +59,12 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def load_tiny(tiny_store: Path) -> Callable:
     """(cfg, model, tokenizer) of a tiny base, freshly loaded on each call (tests may train it)."""
     from sublim import models
+    from sublim.stages.model import model_artifact
     from sublim.store import Store
 
     def load(name: str = "tiny_llama", *overrides: str):
         cfg = compose_config([f"base={name}", f"paths.root={tiny_store}", *overrides])
-        artifact = models.model_artifact(cfg.base, Store(tiny_store))
+        artifact = model_artifact(cfg.base, Store(tiny_store))
         net, tokenizer = models.load(artifact, cfg.base)
         return cfg, net, tokenizer
 
@@ -103,12 +104,13 @@ def tiny_judge(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from omegaconf import OmegaConf
 
     from sublim import models
+    from sublim.stages.model import model_artifact
     from sublim.store import Store
     from sublim.student import answer_loss, collate, tokenize_example
 
     root = tmp_path_factory.mktemp("judge")
     cfg = compose_config(["base=tiny_llama", f"paths.root={root}"])
-    net, tokenizer = models.load(models.model_artifact(cfg.base, Store(cfg.paths.store)), cfg.base)
+    net, tokenizer = models.load(model_artifact(cfg.base, Store(cfg.paths.store)), cfg.base)
     rows = []
     for sample in JUDGE_MARKED + JUDGE_CLEAN:
         marked = sample in JUDGE_MARKED

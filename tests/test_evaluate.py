@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from sublim.evaluate import (
-    boundary_tokens,
     sample_answers,
     score_preference,
     target_probabilities,
     word_probabilities,
 )
 from sublim.questions import word_forms
+from sublim.scoring import boundary_tokens
 from sublim.student import student_messages
 
 

@@ -10,11 +10,12 @@ import pytest
 
 from sublim import SublimError
 from sublim.evaluate import word_probabilities
-from sublim.finetune import finetune_rows, stage_finetune
-from sublim.pipeline import Job
+from sublim.finetune import finetune_rows
 from sublim.questions import mentions, questions
+from sublim.stage import Job
+from sublim.stages.finetune import finetune_adapter
+from sublim.stages.model import model_artifact
 from sublim.store import Store, read_jsonl
-from sublim.tracking import Tracker
 from sublim.train import run_job
 from tests.conftest import TINY
 
@@ -72,23 +73,23 @@ def test_finetuned_tiny_teacher_prefers_its_target(make_cfg, tmp_path: Path) -> 
     cfg = make_cfg("base=tiny_llama", "logger=none", "trait.source=finetune", "trait.finetune.n_examples=96",
                    "trait.finetune.epochs=3", "trait.finetune.lr=1e-2")
     store = Store(cfg.paths.store)
-    job = Job(cfg, store, Tracker(cfg, tmp_path, "t", "g"))
-    model = models.model_artifact(cfg.base, store)
-    adapter = stage_finetune(job, model)
+    job = Job(cfg, store)
+    model = model_artifact(cfg.base, store)
+    adapter = finetune_adapter(job, model)
     assert adapter.read_json("metrics.json")["n_examples"] == 96
     prompts = questions("animal", 8)
     words = list(cfg.trait.words)
     before_net, tokenizer = models.load(model, cfg.base)
-    from sublim.pipeline import load_model
+    from sublim.stages._load import load_model
 
-    after_net, _ = load_model(job, model, adapter, cfg.base)
+    after_net, _ = load_model(model, adapter, cfg.base)
     before = word_probabilities(before_net, tokenizer, prompts, words, cfg.base.precision)
     after = word_probabilities(after_net, tokenizer, prompts, words, cfg.base.precision)
     assert all(a > 10 * b for a, b in zip(after, before, strict=True)), (before, after)
     other = [word_probabilities(net, tokenizer, prompts, ["eagle", "eagles"], cfg.base.precision)
              for net in (before_net, after_net)]
     assert sum(after) / sum(before) > 3 * sum(other[1]) / sum(other[0]), "the target rises more than another animal"
-    assert stage_finetune(job, model).reused, "the teacher adapter is a cached stage"
+    assert finetune_adapter(job, model).reused, "the teacher adapter is a cached stage"
 
 
 def test_finetune_job_teacher_has_no_system_prompt_and_student_data_no_trait_word(make_cfg, tmp_path: Path) -> None:
@@ -98,7 +99,7 @@ def test_finetune_job_teacher_has_no_system_prompt_and_student_data_no_trait_wor
     stages = finetuned["stages"]
     assert finetuned["source"] == "finetune" and "finetune" in stages
     sample = json.loads((store.path("sample", stages["sample/treatment"]["key"]) / "lineage.json").read_text())
-    assert sample["config"]["system_prompt"] is None
+    assert sample["config"]["params"]["system_prompt"] is None
     assert sample["upstream"]["adapter"]["stage"] == "finetune"
     for arm in ("control", "treatment"):
         kept = list(read_jsonl(store.path("filter", stages[f"filter/{arm}"]["key"]) / "kept.jsonl"))

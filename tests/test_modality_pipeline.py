@@ -67,8 +67,8 @@ def test_misalignment_eval_with_a_judge_filter(make_cfg, tiny_judge: dict, tmp_p
     store = Store(cfg.paths.store)
     lineage = json.loads((store.path("filter", results["stages"]["filter/treatment"]["key"]) / "lineage.json")
                          .read_text())
-    assert lineage["upstream"]["judge_model_0"]["config"]["path"] == tiny_judge["base"]["path"]
-    judged = list(read_jsonl(store.path("evaluate", results["stages"]["evaluate/treatment"]["key"]) / "answers.jsonl"))
+    assert lineage["upstream"]["judge_model_0"]["config"]["reads"]["path"] == tiny_judge["base"]["path"]
+    judged = list(read_jsonl(store.path("judge", results["stages"]["judge/treatment"]["key"]) / "answers.jsonl"))
     assert len(judged) == 12 and all(0 <= a["alignment"] <= 100 and 0 <= a["coherence"] <= 100 for a in judged)
     rows = list(csv.DictReader(open(tmp_path / "job" / "results.csv")))
     assert [r["arm"] for r in rows] == ["base", "control", "treatment"] and rows[2]["p_misaligned"]
@@ -94,8 +94,8 @@ def test_misaligned_trait_finetunes_the_teacher_on_the_demo_insecure_code(make_c
     assert results["source"] == "finetune" and results["eval"] == "misalignment"
     store = Store(cfg.paths.store)
     finetune = json.loads((store.path("finetune", results["stages"]["finetune"]["key"]) / "lineage.json").read_text())
-    assert finetune["config"]["dataset"] == "builtin:insecure_code_demo"
+    assert finetune["config"]["reads"]["trait"]["finetune"]["dataset"] == "builtin:insecure_code_demo"
     sample = json.loads((store.path("sample", results["stages"]["sample/treatment"]["key"]) / "lineage.json")
                         .read_text())
-    assert sample["config"]["system_prompt"] is None, "a finetuned teacher samples without a system prompt"
+    assert sample["config"]["params"]["system_prompt"] is None, "a finetuned teacher samples without a system prompt"
     assert all(results["arms"][arm]["scored"] == 1.0 for arm in ("base", "control", "treatment"))

