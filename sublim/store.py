@@ -1,31 +1,54 @@
-"""Content-addressed stage artifacts.
+"""Content-addressed, verified stage artifacts.
 
 Every stage writes one directory ``<root>/<stage>/<key>/`` where the key hashes the stage name, the
-config fields the stage reads, the keys of its upstream artifacts and a schema version. An existing
-key is reused, so rerunning a killed sweep resumes and sweeps share stages that do not depend on the
-swept field. Work happens in a temporary directory that is renamed into place under a lock, so
-concurrent jobs never compute one key twice or read a half-written artifact.
+config fields the stage reads, the keys of its upstream artifacts and the stage's code (a version and a
+source hash). An existing key is reused, so rerunning a killed sweep resumes and sweeps share stages
+that do not depend on the swept field. Work happens in a temporary directory renamed into place under a
+lock file that works across processes and hosts on shared filesystems, so concurrent jobs never compute
+one key twice or read a half-written artifact.
+
+``lineage.json`` records each file's size and sha256: a reused artifact is checked against it (sizes
+always, hashes for small artifacts or with ``verify=True``), so a truncated or bit-flipped file fails with
+the command that removes it instead of feeding garbage into hours of downstream work. It also records the
+environment (sublim's git commit, torch/transformers/peft versions) so a surprising number can be traced.
+A read-only store (a shared cache) serves reuse: reading takes no lock and event logging is best-effort.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
+import platform
+import re
 import shutil
+import socket
+import subprocess
+import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from sublim import SublimError
+
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+LAYOUT_VERSION = 2  # lineage/directory format; recorded, not keyed (the key hashes the stage's code instead)
 LINEAGE = "lineage.json"
+EVENTS = "events.jsonl"
+HASHES = ".hashes.json"
+LOCKS = ".locks"
+VERIFY_BELOW = 64 << 20  # artifacts smaller than this get every sha256 checked on each reuse
+LOCK_TIMEOUT = 120.0  # seconds without a heartbeat after which another host's lock is taken over
+HEARTBEAT = 10.0
+HOST = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "localhost"
+ENV_PACKAGES = ("torch", "transformers", "peft", "pytorch_lightning")
 
 
 def content_hash(obj: Any, length: int = 16) -> str:
@@ -41,6 +64,75 @@ def file_hash(path: Path, chunk: int = 1 << 22) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def cached_file_hashes(paths: Iterable[Path], cache_dir: Path | None) -> dict[Path, str]:
+    """sha256 of each file, remembered in ``<cache_dir>/.hashes.json`` by (path, size, mtime_ns).
+
+    A 15 GB local checkpoint is then hashed once, not on every job; a read-only cache dir only costs
+    the rehash.
+    """
+    cache_file = cache_dir / HASHES if cache_dir else None
+    known = _load_json(cache_file) if cache_file else {}
+    out, fresh = {}, {}
+    for path in paths:
+        real = Path(path).resolve()
+        st = real.stat()
+        entry = f"{real}|{st.st_size}|{st.st_mtime_ns}"
+        out[Path(path)] = known.get(entry) or fresh.setdefault(entry, file_hash(real))
+    if fresh and cache_file:
+        renewed = {entry.rsplit("|", 2)[0] for entry in fresh}  # drop what these files hashed to before
+        merged = {entry: digest for entry, digest in _load_json(cache_file).items()  # re-read: other jobs add too
+                  if entry.rsplit("|", 2)[0] not in renewed} | fresh
+        try:
+            tmp = cache_file.with_name(f"{HASHES}.{HOST}-{os.getpid()}")
+            tmp.write_text(json.dumps(merged, indent=0, sort_keys=True))
+            os.replace(tmp, cache_file)
+        except OSError as err:
+            log.debug("cannot update %s (%s); the hashes are recomputed next time", cache_file, err)
+    return out
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+@cache
+def environment() -> dict:
+    """What can change a result without changing a key: recorded in lineage to trace a surprising number."""
+    env: dict[str, Any] = {"sublim": _version("sublim"), "python": platform.python_version()}
+    env |= {name: _version(name) for name in ENV_PACKAGES}
+    return env | _git(Path(__file__).resolve().parent)
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git(package: Path) -> dict:
+    """The commit of the sublim checkout (None for an installed wheel) and whether sublim/ has edits."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, timeout=20,
+                              check=True).stdout.strip()
+
+    try:
+        if git("ls-files", "--", "__init__.py"):  # else: some other repository that merely contains a venv
+            return {"git_commit": git("rev-parse", "HEAD"),
+                    "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", "."))}
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"git_commit": None, "git_dirty": None}
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("SUBLIM_ROOT", ".")) / "outputs" / "store"
 
 
 @dataclass(frozen=True)
@@ -61,17 +153,30 @@ class Artifact:
 
 
 class Store:
-    """The artifact store under ``root`` (usually ``outputs/store``)."""
+    """The artifact store under ``root`` (usually ``outputs/store``; config ``paths.store``).
 
-    def __init__(self, root: str | Path) -> None:
+    ``verify`` (config ``store.verify``) checks every file's sha256 on reuse even for large artifacts.
+    ``lock_timeout``/``heartbeat`` tune how fast a crashed job's lock is taken over (tests shorten them).
+    """
+
+    def __init__(self, root: str | Path, verify: bool = False, *, lock_timeout: float = LOCK_TIMEOUT,
+                 heartbeat: float = HEARTBEAT) -> None:
         self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.verify = verify
+        self.lock_timeout = lock_timeout
+        self.heartbeat = heartbeat
+        self._events_warned = False
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            if not self.root.is_dir():
+                raise SublimError(f"cannot create the artifact store at {self.root}: {err}") from None
 
-    def key(self, stage: str, config: dict, upstream: dict[str, Artifact]) -> str:
+    def key(self, stage: str, config: dict, upstream: dict[str, Artifact], code: dict | None = None) -> str:
         return content_hash(
             {
                 "stage": stage,
-                "schema": SCHEMA_VERSION,
+                "code": code,
                 "config": config,
                 "upstream": {name: art.key for name, art in sorted(upstream.items())},
             }
@@ -80,46 +185,102 @@ class Store:
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
+    def rm_command(self, stage: str, key: str) -> str:
+        root = "" if self.root == default_root().resolve() else f" --root {self.root}"
+        return f"python -m sublim.store{root} rm {stage}/{key}"
+
     def get_or_compute(
         self,
         stage: str,
         config: dict,
         upstream: dict[str, Artifact],
         compute: Callable[[Path], None],
+        *,
+        code: dict | None = None,
     ) -> Artifact:
-        """Return the artifact for (stage, config, upstream), computing it into a temp dir if absent."""
-        key = self.key(stage, config, upstream)
+        """Return the artifact for (stage, config, upstream, code), computing it into a temp dir if absent."""
+        key = self.key(stage, config, upstream, code=code)
         final = self.path(stage, key)
-        if (final / LINEAGE).exists():
+        if self._ready(stage, key):  # reuse takes no lock: a read-only store serves cached jobs
             return self._reused(stage, key, final)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(self.root / ".locks" / f"{stage}-{key}.lock"):
-            if (final / LINEAGE).exists():  # another job finished it while we waited
+        lock = FileLock(self.root / LOCKS / f"{stage}-{key}.lock", f"{stage}/{key}", self.lock_timeout,
+                        self.heartbeat)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        except PermissionError as err:
+            raise SublimError(f"cannot compute {stage}/{key}: the store {self.root} is not writable ({err}). "
+                              "Run once where it is writable, or point paths.store elsewhere.") from None
+        with lock:
+            if self._ready(stage, key):  # another job finished it while we waited
                 return self._reused(stage, key, final)
-            tmp = final.parent / f".tmp-{key}-{os.getpid()}"
+            tmp = final.parent / tmp_name(key)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             start = time.time()
             try:
                 compute(tmp)
+                lineage = {
+                    "stage": stage,
+                    "key": key,
+                    "layout": LAYOUT_VERSION,
+                    "code": code,
+                    "config": config,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "seconds": round(time.time() - start, 2),
+                    "host": HOST,
+                    "env": environment(),
+                    "files": file_records(tmp),
+                    "upstream": {name: art.lineage for name, art in sorted(upstream.items())},
+                }
+                write_json(tmp / LINEAGE, lineage)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            lineage = {
-                "stage": stage,
-                "key": key,
-                "schema": SCHEMA_VERSION,
-                "config": config,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "seconds": round(time.time() - start, 2),
-                "upstream": {name: art.lineage for name, art in sorted(upstream.items())},
-            }
-            (tmp / LINEAGE).write_text(json.dumps(lineage, indent=2, default=str))
-            shutil.rmtree(final, ignore_errors=True)  # a stray dir without lineage is unfinished work
-            os.rename(tmp, final)
+            self._install(tmp, final)
         self._event(stage, key, "computed", lineage["seconds"])
         log.info("stage %-9s computed %s in %.1fs", stage, key, lineage["seconds"])
         return Artifact(stage, key, final, reused=False)
+
+    @staticmethod
+    def _install(tmp: Path, final: Path) -> None:
+        """Rename the finished temp dir into place, replacing unfinished work or an older layout's artifact.
+
+        A finished current one there means our lock was taken over (a missed heartbeat) and the other job
+        won: keep its copy, which readers may already hold, and drop ours.
+        """
+        if "files" not in _load_json(final / LINEAGE):
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if "files" not in _load_json(final / LINEAGE):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _ready(self, stage: str, key: str) -> bool:
+        """Whether a finished, intact artifact exists; a corrupted one raises (recomputing would hide it)."""
+        path = self.path(stage, key)
+        if not (path / LINEAGE).exists():
+            return False
+        lineage = self.lineage(stage, key)
+        if "files" not in lineage:
+            log.info("stage %-9s %s predates file records; recomputing it", stage, key)
+            return False
+        problem = check_files(path, lineage["files"], full=self.verify)
+        if problem:
+            raise self.corrupted(stage, key, problem)
+        return True
+
+    def lineage(self, stage: str, key: str) -> dict:
+        try:
+            return json.loads((self.path(stage, key) / LINEAGE).read_text())
+        except ValueError as err:
+            raise self.corrupted(stage, key, f"{LINEAGE} is unreadable ({err})") from None
+
+    def corrupted(self, stage: str, key: str, problem: str) -> SublimError:
+        return SublimError(f"stored artifact {stage}/{key} is corrupted: {problem}. Remove it and rerun to "
+                           f"recompute: {self.rm_command(stage, key)}")
 
     def _reused(self, stage: str, key: str, path: Path) -> Artifact:
         self._event(stage, key, "reused", 0.0)
@@ -127,27 +288,192 @@ class Store:
         return Artifact(stage, key, path, reused=True)
 
     def _event(self, stage: str, key: str, event: str, seconds: float) -> None:
-        """Append to events.jsonl: an audit trail of what each job computed or reused."""
-        record = {"time": time.time(), "pid": os.getpid(), "stage": stage, "key": key, "event": event,
-                  "seconds": seconds}
-        with open(self.root / "events.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        """Append to events.jsonl: an audit trail of what each job computed or reused (best-effort)."""
+        record = {"time": time.time(), "host": HOST, "pid": os.getpid(), "stage": stage, "key": key,
+                  "event": event, "seconds": seconds}
+        try:
+            with open(self.root / EVENTS, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as err:
+            if not self._events_warned:
+                log.warning("cannot append to %s (%s); not recording store events", self.root / EVENTS, err)
+                self._events_warned = True
 
     def events(self) -> list[dict]:
-        path = self.root / "events.jsonl"
-        return list(read_jsonl(path)) if path.exists() else []
+        path = self.root / EVENTS
+        return list(read_jsonl(path, skip_bad=True)) if path.exists() else []
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+def file_records(directory: Path) -> dict[str, dict]:
+    """{relative path: {size, sha256}} of every file under ``directory`` except lineage.json."""
+    records = {}
+    for path in sorted(directory.rglob("*")):
+        rel = path.relative_to(directory).as_posix()
+        if rel != LINEAGE and path.is_file():
+            records[rel] = {"size": path.stat().st_size, "sha256": file_hash(path)}
+    return records
+
+
+_verified: dict[Path, tuple] = {}  # artifact -> file stats whose sha256s this process has checked
+
+
+def check_files(path: Path, files: dict[str, dict], full: bool, fresh: bool = False) -> str | None:
+    """The first problem with an artifact's files, or None: sizes always, sha256s when small or ``full``.
+
+    Hashes checked once stay trusted in this process while the files' stats are unchanged, unless ``fresh``.
+    """
+    stats = []
+    for rel, record in sorted(files.items()):
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            st = (path / rel).stat()
+        except OSError:
+            return f"{rel} is missing"
+        if st.st_size != record["size"]:
+            return f"{rel} is {st.st_size} bytes, {LINEAGE} says {record['size']}"
+        stats.append((rel, st.st_size, st.st_mtime_ns, st.st_ino))
+    if not full and sum(record["size"] for record in files.values()) >= VERIFY_BELOW:
+        return None
+    if not fresh and _verified.get(path) == tuple(stats):  # reused again in this process, unchanged since checked
+        return None
+    for rel, record in sorted(files.items()):
+        if file_hash(path / rel) != record["sha256"]:
+            return f"{rel}'s sha256 differs from {LINEAGE}'s"
+    _verified[path] = tuple(stats)
+    return None
 
+
+# --- locks that hold across hosts ------------------------------------------------------------------
+
+def tmp_name(key: str) -> str:
+    """A compute's temp dir: host and pid in the name so gc can tell a dead job's from a running one's."""
+    return f".tmp-{key}-{HOST}-{os.getpid()}"
+
+
+def pid_alive(pid: Any) -> bool:
+    """Whether a process of this host is running (a zombie, killed but not reaped, counts as dead)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return True  # not a pid we can check: leave it to the heartbeat timeout
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, ValueError):
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def lock_owner(content: bytes | None) -> dict | None:
+    try:
+        owner = json.loads(content or b"")
+        return owner if isinstance(owner, dict) else None
+    except ValueError:
+        return None  # being written right now, or a lock file of the older flock layout
+
+
+def take_over(path: Path, seen: bytes) -> bool:
+    """Move a dead lock aside atomically (only one waiter wins); put back a live one that replaced it."""
+    aside = path.with_name(f"{path.name}.stale-{HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return False
+    try:
+        if aside.read_bytes() != seen:  # a new owner took it between our read and the rename
+            try:
+                os.link(aside, path)
+            except OSError:
+                pass
+            return False
+        return True
+    finally:
+        aside.unlink(missing_ok=True)
+
+
+class FileLock:
+    """An exclusive lock file created with O_EXCL, which NFS and Lustre honour where flock may not.
+
+    The file records host, pid and start time; a heartbeat thread touches it every ``heartbeat`` seconds.
+    A waiter takes over at once from a dead process of its own host, and from any owner whose heartbeat
+    (the file's mtime) has not moved for ``timeout`` seconds of the waiter's clock, so clock skew between
+    hosts does not matter.
+    """
+
+    def __init__(self, path: Path, label: str, timeout: float = LOCK_TIMEOUT, heartbeat: float = HEARTBEAT):
+        self.path, self.label, self.timeout, self.heartbeat = path, label, timeout, heartbeat
+        self.content = json.dumps({"host": HOST, "pid": os.getpid(), "start": time.time(),
+                                   "token": uuid.uuid4().hex, "label": label}).encode()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> FileLock:
+        return self if self._thread else self.acquire()
+
+    def acquire(self) -> FileLock:
+        """Wait for the lock (taking over a dead owner's), then start the heartbeat."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        poll, waiting, seen, since = min(1.0, max(0.02, self.timeout / 20)), False, None, 0.0
+        while not self._create():
+            try:
+                content, mtime = self.path.read_bytes(), self.path.stat().st_mtime_ns
+            except FileNotFoundError:
+                continue  # released between our attempts
+            owner = lock_owner(content) or {}
+            if (content, mtime) != seen:
+                seen, since = (content, mtime), time.monotonic()
+            dead = owner.get("host") == HOST and not pid_alive(owner.get("pid"))
+            dead = dead or (not owner and time.time() - mtime / 1e9 > self.timeout)  # never written / flock era
+            if dead or time.monotonic() - since > self.timeout:
+                if take_over(self.path, content):
+                    log.warning("took over the lock on %s from %s:%s (%s)", self.label, owner.get("host", "?"),
+                                owner.get("pid", "?"), "dead" if dead else f"no heartbeat for {self.timeout:.0f}s")
+                continue
+            if not waiting:
+                log.info("waiting for %s held by %s:%s", self.label, owner.get("host", "?"), owner.get("pid", "?"))
+                waiting = True
+            time.sleep(poll)
+        self._thread = threading.Thread(target=self._beat, name=f"lock {self.label}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(self.content)
+        return True
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat):
+            try:
+                if self.path.read_bytes() != self.content:
+                    raise FileNotFoundError
+                os.utime(self.path)
+            except FileNotFoundError:
+                log.warning("lost the lock on %s (taken over as stale); another job may compute it too", self.label)
+                return
+            except OSError as err:
+                log.warning("cannot refresh the lock on %s: %s", self.label, err)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+            self._thread = None
+        try:
+            if self.path.read_bytes() == self.content:
+                self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+# --- files -----------------------------------------------------------------------------------------
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     with open(path, "w") as handle:
@@ -155,12 +481,27 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def read_jsonl(path: Path) -> Iterator[dict]:
-    with open(path) as handle:
-        for line in handle:
-            if line.strip():
-                yield json.loads(line)
+def read_jsonl(path: Path, skip_bad: bool = False) -> Iterator[dict]:
+    """Rows of a JSON-lines file; a cut or corrupted line raises SublimError naming it (or is skipped)."""
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.decode("utf-8"))
+            except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+                if skip_bad:
+                    continue
+                raise SublimError(f"{path} line {number} is not valid JSON ({err}): the file is cut or "
+                                  "corrupted; remove it (or the artifact holding it) and rerun") from None
+            yield row
 
 
 def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    from sublim.storecli import main
+
+    raise SystemExit(main())
