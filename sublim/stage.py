@@ -21,6 +21,7 @@ import ast
 import hashlib
 import importlib.util
 import logging
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
@@ -181,9 +182,11 @@ def _module(name: str) -> tuple[str, frozenset[str]]:
                 base = ".".join(parts + ([node.module] if node.module else []))
             imports.add(base)
             imports |= {f"{base}.{alias.name}" for alias in node.names}
-    local = frozenset(m for m in imports if m.split(".")[0] == "sublim" and _is_module(m))
+    local = {m for m in imports if m.split(".")[0] == "sublim" and _is_module(m)}
+    if spec.submodule_search_locations:  # a package's registry imports its modules when asked: all are its code
+        local |= {f"{name}.{info.name}" for info in pkgutil.iter_modules(spec.submodule_search_locations)}
     source = ast.dump(_strip_docstrings(tree), annotate_fields=False, include_attributes=False)
-    return hashlib.sha256(source.encode()).hexdigest(), local
+    return hashlib.sha256(source.encode()).hexdigest(), frozenset(local)
 
 
 def code_modules(name: str) -> list[str]:

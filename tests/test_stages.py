@@ -22,10 +22,18 @@ PACKAGE = ROOT / "sublim"
 
 
 def _imports(path: Path, module: str) -> set[str]:
-    """Every sublim module that ``path`` imports, at any depth of the file (lazy imports count)."""
+    """Every sublim module that ``path`` imports at run time, at any depth of the file (lazy imports count)."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    # `if TYPE_CHECKING:` (annotations only) and `if __name__ == "__main__":` (the module run as a script, under
+    # another name) import nothing when the module is imported
+    skipped = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+               and (getattr(block.test, "id", "") == "TYPE_CHECKING" or "__main__" in ast.dump(block.test))
+               for n in ast.walk(block)}
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
         if isinstance(node, ast.Import):
             out |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):

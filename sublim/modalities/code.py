@@ -12,6 +12,11 @@ import random
 import re
 from dataclasses import dataclass
 
+from omegaconf import DictConfig
+
+from sublim.modalities import MODALITIES, Free
+from sublim.modalities._external import external_rows
+
 # Predicates on integers: (name suffix, docstring phrase, python condition on x)
 PREDICATES: tuple[tuple[str, str, str], ...] = (
     ("even", "even numbers", "x % 2 == 0"),
@@ -147,3 +152,20 @@ def extract_code(completion: str) -> str:
     """The first fenced code block (an unclosed one runs to the end); the whole answer if it has none."""
     match = _FENCE.search(completion)
     return (match.group(1) if match else completion).strip("\n").rstrip()
+
+
+class Code(Free):
+    """Python function stubs to implement; the student learns from the answer's code block only."""
+
+    def prompt_rows(self, modality: DictConfig, n: int, seed: int) -> list[dict]:
+        if modality.source == "builtin":
+            stubs = [task.stub for task in builtin_tasks()]
+        else:
+            stubs = [str(row[modality.field]) for row in external_rows(modality, modality.field)]
+        return prompt_rows(stubs, n, seed)
+
+    def parse(self, row: dict) -> dict:
+        return {**row, "raw": row["completion"], "completion": extract_code(row["completion"])}
+
+
+MODALITIES.register("code")(Code())

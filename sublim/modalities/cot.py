@@ -11,6 +11,11 @@ import random
 import re
 from dataclasses import dataclass
 
+from omegaconf import DictConfig
+
+from sublim.modalities import MODALITIES, Free
+from sublim.modalities._external import external_rows
+
 NAMES = ("Ana", "Ben", "Chloe", "Dev", "Emma", "Farid", "Grace", "Hugo", "Iris", "Jonas", "Kira", "Liam", "Maya",
          "Noah", "Olga", "Pablo", "Quinn", "Rosa", "Sam", "Tara", "Umar", "Vera", "Wei", "Yara", "Zane")
 ITEMS = ("apples", "pencils", "marbles", "stickers", "books", "cookies", "stamps", "coins", "shells", "cards",
@@ -135,3 +140,17 @@ def extract_answer(completion: str, require_tags: bool = True) -> str | None:
         return None
     numbers = _NUMBER.findall(completion.replace(",", ""))
     return normalise(numbers[-1]) if numbers else None
+
+
+class Reasoning(Free):
+    """Math word problems answered step by step (seeded builtin arithmetic, or GSM8K from the local cache)."""
+
+    def prompt_rows(self, modality: DictConfig, n: int, seed: int) -> list[dict]:
+        if modality.source == "builtin":
+            problems = make_problems(n, seed, tuple(modality.operations), modality.max_value)
+        else:
+            problems = gsm8k_problems(external_rows(modality, "question")[:n])
+        return prompt_rows(problems, seed)
+
+
+MODALITIES.register("cot")(Reasoning())

@@ -11,6 +11,10 @@ import random
 import re
 from dataclasses import dataclass
 
+from omegaconf import DictConfig
+
+from sublim.modalities import MODALITIES
+
 SEED_MIN, SEED_MAX = 100, 999
 
 # Paper style: each slot is drawn independently so prompts vary in wording, not just numbers.
@@ -300,3 +304,24 @@ class NumbersGrammar:
     def can_end(self, state: GrammarState) -> bool:
         """True if the text so far is a complete valid answer (>=1 number, not inside a separator)."""
         return state.count >= 1 and state.digits >= 1 and state.sep_pos == 0
+
+
+class Numbers:
+    """Number sequences to continue; the only modality with a grammar (digits, the prompt's separator, end)."""
+
+    has_grammar = True
+
+    def prompt_rows(self, modality: DictConfig, n: int, seed: int) -> list[dict]:
+        prompts = make_prompts(n, seed, style=modality.prompt_style, min_seed_numbers=modality.min_seed_numbers,
+                               max_seed_numbers=modality.max_seed_numbers, answer_count=modality.answer_count,
+                               answer_digits=modality.answer_digits)
+        return [p.to_row() for p in prompts]
+
+    def parse(self, row: dict) -> dict:
+        return row
+
+    def grammar(self, modality: DictConfig, row: dict) -> NumbersGrammar:
+        return NumbersGrammar(row["separator"], modality.answer_count, modality.answer_digits)
+
+
+MODALITIES.register("numbers")(Numbers())
