@@ -174,3 +174,17 @@ def test_cross_base_control_of_cpu_transfer_runs_at_tiny_size(make_cfg, tmp_path
     assert 0 < results["arms"]["treatment"]["n_train"] <= 16
     assert results["arms"]["treatment"]["train"]["steps"] > 0, "an SFT student of another base's data is trained"
     assert {"owl", "eagle", "dolphin"} <= set(results["arms"]["control"]["targets"])
+
+
+def test_a_truncated_artifact_is_refused_with_the_command_that_removes_it(make_cfg, tmp_path: Path) -> None:
+    """A stored kept.jsonl cut to 10 of its lines must not be trained on (it was, silently)."""
+    small = [*TINY, "eval.n_questions=2", "eval.targets={}"]
+    cfg = make_cfg("base=tiny_llama", *small)
+    results = run_job(cfg, tmp_path / "job")
+    store = Store(cfg.paths.store)
+    kept = store.path("filter", results["stages"]["filter/treatment"]["key"]) / "kept.jsonl"
+    kept.write_text("".join(kept.read_text().splitlines(keepends=True)[:10]))
+    with pytest.raises(SublimError, match=r"stored artifact filter/\w+ is corrupted: kept.jsonl is \d+ bytes.*"
+                                          r"python -m sublim.store --root \S+ rm filter/\w+"):
+        run_job(make_cfg("base=tiny_llama", *small, "data.n_train=8"), tmp_path / "again")
+    assert not (tmp_path / "again" / "results.json").exists()
