@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 
 # Modules whose code cannot change what a stage computes: they are not part of any stage's code hash.
 INFRASTRUCTURE = frozenset({"sublim", "sublim.store", "sublim.stage", "sublim.registry", "sublim.tracking",
-                            "sublim.schema", "sublim.train", "sublim.report", "sublim.storecli",
-                            "sublim.storelock"})
+                            "sublim.schema", "sublim.train", "sublim.report", "sublim.store.lock",
+                            "sublim.store.cli", "sublim.store.__main__"})
 
 STAGES: Registry[Stage] = Registry("stage", "sublim.stages")
 

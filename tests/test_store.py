@@ -20,8 +20,8 @@ import pytest
 import sublim.store as store_mod
 from sublim import SublimError
 from sublim.store import LINEAGE, Store, read_jsonl, write_jsonl
-from sublim.storecli import main
-from sublim.storelock import HOST, FileLock
+from sublim.store.cli import main
+from sublim.store.lock import HOST, FileLock
 
 ROWS = [{"i": i, "text": f"row {i} " + "x" * 20} for i in range(24)]
 CODE = {"version": 1, "hash": "0123456789abcdef"}
@@ -258,7 +258,7 @@ def test_another_hosts_lock_blocks_while_its_heartbeat_is_fresh(tmp_path: Path, 
     beat = threading.Thread(target=heartbeat)
     beat.start()
     start = time.time()
-    with caplog.at_level(logging.INFO, logger="sublim.storelock"):
+    with caplog.at_level(logging.INFO, logger="sublim.store.lock"):
         art = store.get_or_compute("sample", {"n": 24}, {}, _write_rows, code=CODE)
     stop.set()
     beat.join()

@@ -20,7 +20,7 @@ from typing import NoReturn
 
 from sublim import SublimError
 from sublim.store import LINEAGE, LOCKS, Store, check_files, default_root, tmp_name
-from sublim.storelock import HOST, LOCK_TIMEOUT, lock_owner, pid_alive, take_over
+from sublim.store.lock import HOST, LOCK_TIMEOUT, lock_owner, pid_alive, take_over
 
 TMP_MAX_AGE = 86400.0  # another host's temp dir this old is abandoned (its pid cannot be checked from here)
 

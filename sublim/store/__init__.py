@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from sublim import SublimError
-from sublim.storelock import HEARTBEAT, HOST, LOCK_TIMEOUT, FileLock
+from sublim.store.lock import HEARTBEAT, HOST, LOCK_TIMEOUT, FileLock
 
 log = logging.getLogger(__name__)
 
@@ -365,9 +365,3 @@ def read_jsonl(path: Path, skip_bad: bool = False) -> Iterator[dict]:
 
 def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, default=str))
-
-
-if __name__ == "__main__":
-    from sublim.storecli import main
-
-    raise SystemExit(main())
