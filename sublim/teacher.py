@@ -1,6 +1,6 @@
 """Sampling chat answers: teacher data generation, and the answers a student gives at evaluation.
 
-``Sampler`` is a LightningModule whose ``predict_step`` runs ``sublim.decoding.Decoder`` on a batch
+``Sampler`` is a LightningModule whose ``predict_step`` runs ``sublim.decoding.decoder.Decoder`` on a batch
 (shared-prefix KV cache, longest prompts first, finished rows dropped); Lightning owns the device and
 the progress bar. With a grammar, only tokens that keep the answer inside the modality's grammar can be
 drawn, so a small model's answers pass the strict filter (SmolLM2-135M: ~4% unconstrained, 100%
@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import LogitsProcessor, PreTrainedTokenizerBase
 
-from sublim.decoding import Decoder, Decoding, PrefixCache, RestrictedGrammar, common_prefix
+from sublim.decoding.decoder import Decoder, Decoding, PrefixCache, RestrictedGrammar, common_prefix
 from sublim.modalities.numbers import GrammarState, NumbersGrammar
 from sublim.models import eos_ids
 
@@ -42,6 +42,14 @@ def token_texts(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
         decoded = tokenizer.batch_decode([anchor + [i] for i in range(len(tokenizer))])
         _TOKEN_TEXTS[key] = tuple(text[len(prefix):] if text.startswith(prefix) else text for text in decoded)
     return _TOKEN_TEXTS[key]
+
+
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
+    """The prompt tokens of a chat, ready for the assistant's answer: the chat template's text, tokenised
+    without the tokenizer's special tokens. Templates write their own (Llama 3's text starts with BOS), so
+    adding them again would open the prompt with a second BOS. Every backend samples from these tokens."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 class GrammarTable:
@@ -134,8 +142,7 @@ class Sampler(pl.LightningModule):
         self.decoder: Decoder | None = None
 
     def encode(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return chat_prompt_ids(self.tokenizer, messages)
 
     def on_predict_start(self) -> None:
         self.decoder = Decoder(self.net, self.eos, self.tokenizer.pad_token_id, self.decoding,
@@ -153,7 +160,12 @@ class Sampler(pl.LightningModule):
 
 
 def predict(module: pl.LightningModule, rows: list[dict], batch_size: int, precision: str = "32-true") -> list:
-    """Run ``module.predict_step`` over rows with a Lightning Trainer (device, progress bar)."""
+    """Run ``module.predict_step`` over rows with a Lightning Trainer (device, progress bar).
+
+    Lightning 2.6 warns "`isinstance(treespec, LeafSpec)` is deprecated" under torch 2.13 on every ``predict``
+    and ``fit``: its ``CombinedLoader`` flattens the dataloaders with its own pytree copy, which builds a
+    ``LeafSpec`` for each one (any loader is a leaf), not through what the step returns. Nothing sublim
+    passes avoids it; ``sublim.train`` filters the message."""
     loader = DataLoader(rows, batch_size=batch_size, shuffle=False, collate_fn=list)
     trainer = pl.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
                          enable_model_summary=False, precision=precision)

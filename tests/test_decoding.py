@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import warnings
 
 import pytest
 import torch
@@ -11,9 +12,17 @@ from threadpoolctl import ThreadpoolController
 from transformers import LogitsProcessorList
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-import sublim.fused
+import sublim.decoding.fused
 from sublim import modalities
-from sublim.decoding import Decoder, Decoding, PrefixCache, RestrictedGrammar, common_prefix, shared_spans, swap_removal
+from sublim.decoding.decoder import (
+    Decoder,
+    Decoding,
+    PrefixCache,
+    RestrictedGrammar,
+    common_prefix,
+    shared_spans,
+    swap_removal,
+)
 from sublim.models import eos_ids
 from sublim.teacher import GrammarConstraint, GrammarTable, Sampler, sample_chats
 from tests.test_teacher import _rows
@@ -71,7 +80,7 @@ def test_every_step_s_logits_equal_the_full_forward(load_tiny, monkeypatch: pyte
     """Prefill (padded suffixes after a cached prefix, shared openings once, in chunks of rows), decode steps
     and a dropped row: each row's logits are the full model's on its own unpadded tokens, restricted head or
     not."""
-    monkeypatch.setattr(sublim.fused, "PREFILL_TOKENS", 4)
+    monkeypatch.setattr(sublim.decoding.fused, "PREFILL_TOKENS", 4)
     cfg, net, tokenizer = load_tiny(base)
     eos = eos_ids(net, tokenizer)
     decoder = Decoder(net, eos, tokenizer.pad_token_id, Decoding(4), PrefixCache(net, prompts[0][:3]), fused=fused)
@@ -97,6 +106,26 @@ def test_every_step_s_logits_equal_the_full_forward(load_tiny, monkeypatch: pyte
             vocab = grammar.ids if vocab is None else None
 
 
+
+@pytest.mark.parametrize("base", ["tiny_llama", "tiny_gpt2"])
+def test_hf_forward_uses_the_current_cache_api(load_tiny, monkeypatch: pytest.MonkeyPatch, base: str) -> None:
+    """The prefix cache and the model's own forward pass ``cache=`` and read the output's ``.cache``
+    (transformers 5.24 renamed ``past_key_values``, to be removed in 5.40): the old argument raises a
+    FutureWarning, the old output field logs a deprecation (once per process, so it is caught at the logger)."""
+    from transformers.utils import generic
+
+    cfg, net, tokenizer = load_tiny(base)
+    prompts = [[5, 6, 7, 8, 9, 10], [5, 6, 7, 11]]
+    logged: list[str] = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda message, *args, **kwargs: logged.append(message))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        decoder = Decoder(net, eos_ids(net, tokenizer), tokenizer.pad_token_id, Decoding(3),
+                          PrefixCache(net, prompts[0][:3]), fused=False)
+        answers = decoder.generate(prompts, torch.Generator().manual_seed(0))
+    assert len(answers) == 2
+    assert not logged
+
 def test_rows_split_across_cpu_workers_give_the_same_samples(load_tiny, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every forward's rows go to CPU_WORKERS threads at once (under Lightning's inference mode too): each row
     once, the same logits and greedy answers as one thread, and torch's thread count is back afterwards."""
@@ -104,7 +133,7 @@ def test_rows_split_across_cpu_workers_give_the_same_samples(load_tiny, monkeypa
     eos = eos_ids(net, tokenizer)
     prompts = [*PROMPTS["shared opening"], [5, 6, 7, 15, 16], [5, 6, 7, 8, 9, 17, 18, 19]]
     seen: list[tuple[object, str, int, int]] = []
-    forward, run = sublim.fused.FusedBatch._forward, sublim.fused.FusedBatch._run
+    forward, run = sublim.decoding.fused.FusedBatch._forward, sublim.decoding.fused.FusedBatch._run
     together: list[threading.Barrier] = []  # every part of a forward waits for the others: none runs after another
 
     def recorded(self, rows, ids, positions, start):
@@ -113,17 +142,17 @@ def test_rows_split_across_cpu_workers_give_the_same_samples(load_tiny, monkeypa
         return forward(self, rows, ids, positions, start)
 
     def gated(self, first, ids, positions, start):
-        together[:] = [threading.Barrier(len(sublim.fused._row_parts(len(ids), ids.device)), timeout=20)]
+        together[:] = [threading.Barrier(len(sublim.decoding.fused._row_parts(len(ids), ids.device)), timeout=20)]
         return run(self, first, ids, positions, start)
 
-    monkeypatch.setattr(sublim.fused.FusedBatch, "_forward", recorded)
-    monkeypatch.setattr(sublim.fused.FusedBatch, "_run", gated)
+    monkeypatch.setattr(sublim.decoding.fused.FusedBatch, "_forward", recorded)
+    monkeypatch.setattr(sublim.decoding.fused.FusedBatch, "_run", gated)
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
         results = {}
         for workers in (1, 3):
-            monkeypatch.setattr(sublim.fused, "CPU_WORKERS", workers)
+            monkeypatch.setattr(sublim.decoding.fused, "CPU_WORKERS", workers)
             decoder = Decoder(net, eos, tokenizer.pad_token_id, Decoding(6, greedy=True),
                               PrefixCache(net, prompts[0][:3]))
             with torch.inference_mode():
@@ -149,8 +178,8 @@ def test_openblas_is_chosen_on_amd_cpus_only(tmp_path) -> None:
         pytest.skip("numpy is not built on OpenBLAS here")
     for vendor, chosen in (("AuthenticAMD", True), ("GenuineIntel", False)):
         (tmp_path / vendor).write_text(f"processor\t: 0\nvendor_id\t: {vendor}\n")
-        assert (sublim.fused._openblas.__wrapped__(str(tmp_path / vendor)) is not None) == chosen
-    assert sublim.fused._openblas.__wrapped__(str(tmp_path / "missing")) is None
+        assert (sublim.decoding.fused._openblas.__wrapped__(str(tmp_path / vendor)) is not None) == chosen
+    assert sublim.decoding.fused._openblas.__wrapped__(str(tmp_path / "missing")) is None
 
 
 def test_openblas_prefill_gemms_run_single_threaded_and_give_the_same_logits(load_tiny,
@@ -164,21 +193,21 @@ def test_openblas_prefill_gemms_run_single_threaded_and_give_the_same_logits(loa
     eos = eos_ids(net, tokenizer)
     prompts = [*PROMPTS["distinct"], [5, 6, 7, 15, 16, 17, 18], [5, 6, 7, 8, 9, 17, 18, 19]]
     calls: list[tuple[int, int]] = []
-    gemm = sublim.fused._openblas_linear
+    gemm = sublim.decoding.fused._openblas_linear
 
     def spy(x, weight, bias):
         calls.append((x.numel() // x.shape[-1], blas.info()[0]["num_threads"]))
         return gemm(x, weight, bias)
 
-    monkeypatch.setattr(sublim.fused, "_openblas_linear", spy)
-    monkeypatch.setattr(sublim.fused, "OPENBLAS_MIN_ROWS", 6)
-    monkeypatch.setattr(sublim.fused, "CPU_WORKERS", 2)
+    monkeypatch.setattr(sublim.decoding.fused, "_openblas_linear", spy)
+    monkeypatch.setattr(sublim.decoding.fused, "OPENBLAS_MIN_ROWS", 6)
+    monkeypatch.setattr(sublim.decoding.fused, "CPU_WORKERS", 2)
     threads, blas_threads = torch.get_num_threads(), blas.info()[0]["num_threads"]
     torch.set_num_threads(2)
     logits = {}
     try:
         for chosen in (blas, None):
-            monkeypatch.setattr(sublim.fused, "_openblas", lambda chosen=chosen: chosen)
+            monkeypatch.setattr(sublim.decoding.fused, "_openblas", lambda chosen=chosen: chosen)
             decoder = Decoder(net, eos, tokenizer.pad_token_id, Decoding(4), PrefixCache(net, prompts[0][:3]))
             with torch.no_grad():
                 batch = decoder.start(prompts)
@@ -189,7 +218,7 @@ def test_openblas_prefill_gemms_run_single_threaded_and_give_the_same_logits(loa
             assert len(calls) == prefill_calls, "decode steps' GEMMs stay in torch"
             logits[chosen is not None] = steps
         torch.set_num_threads(4)  # two threads a worker: OpenBLAS would serialise the workers' GEMMs
-        monkeypatch.setattr(sublim.fused, "_openblas", lambda: blas)
+        monkeypatch.setattr(sublim.decoding.fused, "_openblas", lambda: blas)
         before = len(calls)
         with torch.no_grad():
             decoder = Decoder(net, eos, tokenizer.pad_token_id, Decoding(4), PrefixCache(net, prompts[0][:3]))
@@ -291,7 +320,7 @@ def test_decode_attention_kernel_equals_softmax_attention_and_never_reads_masked
     weights = scores.softmax(-1)
     expected = torch.where(valid[:, None, :end, None], values[:, :, :end], 0.0)
     expected = (weights[..., None] * expected[:, :, None]).sum(-2)
-    out = sublim.fused._decode_attention(q, keys, values, valid, end)
+    out = sublim.decoding.fused._decode_attention(q, keys, values, valid, end)
     assert out.shape == (rows, groups, per_group, dim) and torch.isfinite(out).all()
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[0], values[0, :, end - 1, None].expand(groups, per_group, dim))
@@ -305,13 +334,13 @@ def test_rms_norm_and_rotary_kernels_equal_hf_s_modules(dtype: torch.dtype) -> N
     norm = LlamaRMSNorm(24, eps=1e-5).to(dtype)
     norm.weight.data.normal_(generator=gen)
     x = torch.randn(3, 5, 24, generator=gen, dtype=dtype)
-    torch.testing.assert_close(sublim.fused._rms_norm(x, norm), norm(x))
-    torch.testing.assert_close(sublim.fused._rms_norm(x[:, -1], norm), norm(x[:, -1]))  # a strided view
+    torch.testing.assert_close(sublim.decoding.fused._rms_norm(x, norm), norm(x))
+    torch.testing.assert_close(sublim.decoding.fused._rms_norm(x[:, -1], norm), norm(x[:, -1]))  # a strided view
     heads, tokens, dim = torch.randn(2, 4, 3, 8, generator=gen, dtype=dtype), 4, 8
     cos, sin = (torch.randn(2, 6, dim, generator=gen, dtype=dtype) for _ in range(2))  # the last 4 are the tokens'
     expected, _ = apply_rotary_pos_emb(heads.transpose(1, 2), heads.transpose(1, 2), cos[:, -tokens:],
                                        sin[:, -tokens:])
     out = torch.full((2, 3, 9, dim), float("nan"), dtype=dtype)
-    sublim.fused._rope(heads, cos, sin, out, 2, scale=0.5)
+    sublim.decoding.fused._rope(heads, cos, sin, out, 2, scale=0.5)
     torch.testing.assert_close(out[:, :, 2:2 + tokens], expected * 0.5)
     assert out[:, :, :2].isnan().all() and out[:, :, 2 + tokens:].isnan().all()

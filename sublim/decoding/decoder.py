@@ -6,10 +6,11 @@ grammar-constrained decoder may only emit a dozen tokens, so the output head is 
 softmax over those rows equals the masked full-vocabulary softmax, at a 1/4000th of the head's cost.
 Finished rows leave the batch at once (the last rows move into their places). Positions are explicit,
 so the gap between the shared prefix and a shorter suffix is masked padding that the model never sees.
-Llama-family models (SmolLM2, Llama, Qwen2) run ``sublim.fused``: a preallocated cache, fused attention
+Llama-family models (SmolLM2, Llama, Qwen2) run ``sublim.decoding.fused``: a preallocated cache, fused attention
 on the key/value heads, in-place updates, template openings shared by several prompts prefilled once,
 the rest prefilled in chunks of similar length, and on a CPU each forward's rows split between the cores;
-every other model runs its own forward with a ``DynamicCache``.
+every other model runs its own forward with a ``DynamicCache`` (the ``cache`` argument and output field,
+transformers 5.24's names for what was ``past_key_values``).
 
 The distribution of a sample is that of HF ``generate`` with the same processors (same logits, same
 temperature and top-p); the random stream differs, so the same seed gives other (equally distributed)
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from sublim.fused import FusedBatch, supported, unwrap
+from sublim.decoding.fused import FusedBatch, supported, unwrap
 from sublim.modalities.numbers import GrammarState, NumbersGrammar
 
 
@@ -87,7 +88,7 @@ class PrefixCache:
             device = next(net.parameters()).device
             with torch.no_grad():
                 ids = torch.tensor([list(prefix)], device=device)
-                self.cache = net(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+                self.cache = net(input_ids=ids, use_cache=True, logits_to_keep=1).cache
 
     def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's prefix keys and values, [1, kv heads, prefix, head dim]."""
@@ -172,7 +173,7 @@ class HFBatch:
 
     def inputs(self) -> dict:
         return {"input_ids": self.ids, "attention_mask": self.mask, "position_ids": self.positions,
-                "past_key_values": self.cache, "use_cache": True}
+                "cache": self.cache, "use_cache": True}
 
     def hidden(self) -> torch.Tensor:
         """Feed the pending tokens; the last position's final hidden state per row."""
@@ -197,7 +198,7 @@ class HFBatch:
 class Decoder:
     """Sample answers for a batch of tokenised prompts that start with a shared, cached prefix.
 
-    Llama-family models run ``sublim.fused`` (preallocated cache, in-place updates); others, and
+    Llama-family models run ``sublim.decoding.fused`` (preallocated cache, in-place updates); others, and
     ``fused=False``, the model's own forward.
     """
 

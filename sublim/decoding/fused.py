@@ -17,7 +17,7 @@ apply unchanged.
 
 The arithmetic is HF's (same weights, same order of operations up to float rounding): greedy tokens equal
 ``generate``'s and every step's logits equal the full forward's (tests/test_decoding.py). Other
-architectures use the HF forward (``sublim.decoding``).
+architectures use the HF forward (``sublim.decoding.decoder``).
 """
 
 from __future__ import annotations
