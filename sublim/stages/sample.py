@@ -9,7 +9,8 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from sublim import modalities, models, vllm_sampling
+from sublim import modalities, models
+from sublim.decoding import vllm as vllm_sampling
 from sublim.registry import Registry
 from sublim.stage import Inputs, declare
 from sublim.stages._load import load_model
