@@ -1,8 +1,9 @@
 """The Hydra entry point: ``python -m sublim.train [-m] [overrides]``.
 
 Composes the config, runs the pipeline through the artifact store, prints the results table and
-always closes the W&B run. Input errors print one message with the fix (no stack trace) and exit 2;
-finished stages stay in the store, so the same command resumes after the fix.
+always closes the W&B run. The config is validated first (sublim/schema.py; a multirun validates every job
+before the first starts). Input errors print one ``error: ...`` line each with the fix (no stack trace) and
+exit 2; finished stages stay in the store, so the same command resumes after the fix.
 """
 
 from __future__ import annotations
@@ -10,14 +11,17 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from sublim import SublimError
+from sublim.schema import ConfigError, validate
 
 log = logging.getLogger("sublim")
 
@@ -52,9 +56,10 @@ def job_identity() -> tuple[Path, str, str]:
 
 
 def run_job(cfg: DictConfig, job_dir: Path, name: str = "default", group: str = "runs") -> dict:
-    """Run one job; W&B is closed whatever happens."""
+    """Run one job; W&B is closed whatever happens. The config is validated first (raises ConfigError)."""
     from sublim.tracking import Tracker
 
+    validate(cfg)
     if cfg.task not in TASKS:
         raise SublimError(f"task={cfg.task} is not one of: {', '.join(TASKS)}")
     task = importlib.import_module(TASKS[cfg.task])
@@ -70,17 +75,25 @@ def run_job(cfg: DictConfig, job_dir: Path, name: str = "default", group: str = 
     return results
 
 
+def fail(err: SublimError) -> NoReturn:
+    """A user or environment error: its line(s) on stderr, no stack trace, exit code 2."""
+    log.error("%s", err)  # the job's log file keeps why it stopped
+    lines = err.lines if isinstance(err, ConfigError) else [str(err)]
+    print("\n".join(f"error: {line}" for line in lines), file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     job_dir, name, group = job_identity()
-    if cfg.dry_run:
-        print(f"# job {name}\n{OmegaConf.to_yaml(cfg, resolve=True)}", flush=True)
-        return
     try:
+        validate(cfg)  # before anything is computed, dry runs included
+        if cfg.dry_run:
+            print(f"# job {name}\n{OmegaConf.to_yaml(cfg, resolve=True)}", flush=True)
+            return
         run_job(cfg, job_dir, name, group)
     except SublimError as err:
-        log.error("%s", err)
-        raise SystemExit(f"error: {err}") from None
+        fail(err)
 
 
 if __name__ == "__main__":
