@@ -29,9 +29,10 @@ def config(*overrides: str) -> DictConfig:
 def load_base(cfg: DictConfig) -> tuple[torch.nn.Module, object]:
     """The base model exactly as the pipeline loads it (converted once into the store)."""
     from sublim import models
+    from sublim.stages.model import model_artifact
     from sublim.store import Store
 
-    return models.load(models.model_artifact(cfg.base, Store(cfg.paths.store)), cfg.base)
+    return models.load(model_artifact(cfg.base, Store(cfg.paths.store)), cfg.base)
 
 
 def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:

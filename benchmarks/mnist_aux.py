@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from common import alternate, config, median, table
 from torch import nn
 
-from sublim.toy.mnist_aux import N_CLASSES, StackedMLP, load_data, train_teacher
+from sublim.toy.mnist_aux import StackedMLP, load_data, train_teacher
+from sublim.toy.mnist_report import N_CLASSES
 
 
 def loop(data, settings, sizes: list[int], generator: torch.Generator) -> dict:
