@@ -38,9 +38,11 @@ from sublim.tracking import Tracker
 log = logging.getLogger(__name__)
 
 # Modules whose code cannot change what a stage computes: they are not part of any stage's code hash.
-INFRASTRUCTURE = frozenset({"sublim", "sublim.store", "sublim.stage", "sublim.registry", "sublim.tracking",
-                            "sublim.schema", "sublim.train", "sublim.report", "sublim.store.lock",
-                            "sublim.store.cli", "sublim.store.__main__"})
+INFRASTRUCTURE = frozenset({
+    "sublim", "sublim.stage", "sublim.registry", "sublim.tracking", "sublim.train", "sublim.report",
+    "sublim.store", "sublim.store.lock", "sublim.store.cli", "sublim.store.__main__",
+    "sublim.schema", "sublim.schema.fields", "sublim.schema.groups",
+})
 
 STAGES: Registry[Stage] = Registry("stage", "sublim.stages")
 

@@ -13,7 +13,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from sublim import SublimError
-from sublim.schema import ConfigError, misalignment_shape, sweep_problems, validate
+from sublim.schema import ConfigError, sweep_problems, validate
+from sublim.schema.groups import misalignment_shape
 from tests.conftest import CATEGORY_TARGETS, CONF, TINY, compose_config
 
 ROOT = CONF.parent
