@@ -1,8 +1,12 @@
-"""LoRA student: answer-only loss, only adapter weights change, loss goes down, NaN stops clearly."""
+"""LoRA student: answer-only loss, only adapter weights change, loss goes down; a NaN, diverging or
+collapsed (uniform) loss stops clearly, sound training does not."""
 
 from __future__ import annotations
 
+import copy
 import json
+import math
+import random
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,7 @@ from sublim import SublimError
 from sublim.student import (
     ADAPTER_DIR,
     IGNORE,
+    StudentModule,
     add_lora,
     answer_loss,
     collate,
@@ -74,10 +79,13 @@ def test_lora_changes_only_adapter_weights_and_learns(load_tiny, tmp_path: Path)
     header = log[0].split(",")
     loss_col = header.index("train/loss")
     losses = [float(cols[loss_col]) for cols in (line.split(",") for line in log[1:]) if cols[loss_col]]
-    assert sum(losses[-4:]) < 0.92 * sum(losses[:4]), losses
+    # ~0.90-0.94 over seeds 0-5: LoRA on a random tiny base only learns the answers' token frequencies
+    assert sum(losses[-4:]) < 0.96 * sum(losses[:4]), losses
     assert (tmp_path / ADAPTER_DIR / "adapter_config.json").exists()
     assert json.loads((tmp_path / ADAPTER_DIR / "adapter_config.json").read_text())["r"] == cfg.student.r
     assert metrics["n_examples"] == len(ROWS) and metrics["tokens"] > 0 and metrics["steps"] == 24
+    assert metrics["devices"] == 1 and metrics["initial_loss"] == pytest.approx(losses[0])
+    assert metrics["final_loss"] == pytest.approx(losses[-1])
 
 
 def test_saved_adapter_reloads_to_the_trained_model(load_tiny, tmp_path: Path) -> None:
@@ -97,3 +105,110 @@ def test_nan_loss_stops_with_a_clear_error(load_tiny, tmp_path: Path) -> None:
     cfg, net, tokenizer = load_tiny("tiny_llama", "student.lr=1e30", "student.warmup_steps=0", "student.epochs=3")
     with pytest.raises(SublimError, match="lower student.lr"):
         train_lora(net, tokenizer, ROWS, cfg.student, seed=0, out=tmp_path)
+
+
+class _Guarded(StudentModule):
+    """The guards alone, fed a sequence of losses (ln(vocab) = ln(400), the tiny bases')."""
+
+    def __init__(self, warmup_steps: int = 5) -> None:
+        super().__init__(torch.nn.Linear(1, 1), lr=0.5, warmup_steps=warmup_steps)
+        self._log_vocab = math.log(400)
+        self.step = 0
+
+    @property
+    def global_step(self) -> int:
+        return self.step
+
+    def feed(self, losses: list[float]) -> None:
+        for self.step, loss in enumerate(losses):
+            self.check_loss(loss)
+
+
+def _noisy(level: float, n: int, seed: int = 0, spread: float = 0.1) -> list[float]:
+    rng = random.Random(seed)
+    return [level + rng.uniform(-spread, spread) for _ in range(n)]
+
+
+@pytest.mark.parametrize("losses", [
+    _noisy(5.9, 200),  # a random base at ~ln(vocab), at a small LR: never moved, no collapse
+    [5.9, 5.8] + _noisy(5.6, 50) + _noisy(5.95, 50, spread=0.05),  # learnt a little, back near ln(vocab) (> 0.9x)
+    [0.4] + _noisy(0.3, 100, spread=0.25),  # a pretrained base on easy data: noisy steps of 2x the first
+    [0.05] + _noisy(0.8, 100, spread=0.2),  # an easy first batch, 16x below the others, still within first + 1
+    [1.5, 1.3, 6.9, 1.2] + _noisy(1.0, 50),  # one bad step, below ln(vocab) + 1
+    _noisy(18.0, 50, spread=0.5),  # starts far above ln(vocab) (a different loss): stays within 3x its start
+], ids=["random-base", "near-uniform-unlearnt", "noisy-low", "easy-first-batch", "one-spike", "high-start"])
+def test_loss_guards_stay_quiet_on_sound_training(losses: list[float]) -> None:
+    _Guarded().feed(losses)
+
+
+@pytest.mark.parametrize(("losses", "message"), [
+    ([1.5] + _noisy(1.2, 10) + [6.0] * 15,  # caught as it rises, before 10 steps at ln(vocab)
+     r"stuck at ln\(vocab\)=5.99 \(the uniform distribution\) after 17 steps \(7 of the last 10 within 2%"),
+    ([5.9] + _noisy(4.5, 10) + _noisy(5.95, 15, spread=0.05), r"stuck at ln\(vocab\)=5.99"),  # random base, learnt
+    ([1.5, 1.4, 7.5], r"diverged to 7.50 at step 2 \(from 1.50; the uniform distribution's is ln\(vocab\)=5.99\)"),
+    ([6.0, 6.1, 18.5], r"diverged to 18.50 at step 2"),
+    ([0.1] + _noisy(2.5, 20), r"diverged: 2.5\d on average over the last 10 steps \(step 14\), from 0.10"),
+    ([1.0, float("nan")], r"loss became nan at step 1"),
+], ids=["collapsed", "collapsed-random-base", "spike", "spike-random-base", "risen", "nan"])
+def test_loss_guards_fire_with_the_fix(losses: list[float], message: str) -> None:
+    with pytest.raises(SublimError, match=message) as raised:
+        _Guarded().feed(losses)
+    assert "student.lr" in str(raised.value) and "finished stages are kept in the store" in str(raised.value)
+
+
+def test_stuck_needs_the_cross_entropy_and_the_warm_up() -> None:
+    collapsed = [1.5] + [6.0] * 30
+    with pytest.raises(SublimError, match="stuck"):
+        _Guarded(warmup_steps=0).feed(collapsed)
+    _Guarded(warmup_steps=40).feed(collapsed)  # still warming up
+
+    class KL(_Guarded):
+        def loss(self, batch):  # e.g. distillation's: ln(vocab) means nothing to it
+            return torch.zeros(())
+
+    with pytest.raises(SublimError, match="diverged: 6.00 on average"):  # the rise is still caught
+        KL(warmup_steps=0).feed(collapsed)
+
+
+@pytest.fixture(scope="module")
+def pretrained(load_tiny) -> tuple:
+    """tiny_llama with every weight trained on ROWS down to a low loss (~0.1; ~2 s), so it has far to fall."""
+    cfg, net, tokenizer = load_tiny("tiny_llama")
+    examples = [tokenize_example(tokenizer, r["prompt"], r["completion"], 500) for r in ROWS]
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    net.train()
+    for step in range(150):
+        loss = answer_loss(net, collate(random.Random(step).sample(examples, 16), tokenizer.pad_token_id))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.3, loss.item()
+    return net, tokenizer
+
+
+def _train_pretrained(load_tiny, pretrained: tuple, out: Path, lr: float) -> dict:
+    cfg, _, _ = load_tiny("tiny_llama", f"student.lr={lr}", "student.warmup_steps=0", "student.epochs=3",
+                          "student.batch_size=4")
+    net, tokenizer = pretrained
+    return train_lora(copy.deepcopy(net), tokenizer, ROWS, cfg.student, seed=0, out=out)
+
+
+@pytest.mark.parametrize(("lr", "message"), [
+    (1e9, r"student loss is stuck at ln\(vocab\)=5.99 \(the uniform distribution\) after \d+ steps .*"
+          r"student.lr=1000000000.0 is too high; lower it \(e.g. 2e-4\)"),
+    (0.5, r"student loss diverged.*from 0.1\d.*student.lr=0.5 is too high; lower it \(e.g. 2e-4\)"),
+], ids=["collapse", "diverge"])
+def test_a_collapsing_or_diverging_student_stops_with_a_clear_error(load_tiny, pretrained, tmp_path: Path,
+                                                                    lr: float, message: str) -> None:
+    """Real training (no config validation in the way): the loss of a base that knows the data collapses to the
+    uniform distribution at lr=1e9 and climbs from ~0.1 to ~2.5 at lr=0.5 (Adam)."""
+    with pytest.raises(SublimError, match=message):
+        _train_pretrained(load_tiny, pretrained, tmp_path, lr)
+    assert not (tmp_path / ADAPTER_DIR).exists()
+
+
+@pytest.mark.parametrize("lr", [2e-4, 2e-2])
+def test_sound_training_of_a_trained_base_passes_the_guards(load_tiny, pretrained, tmp_path: Path, lr: float) -> None:
+    metrics = _train_pretrained(load_tiny, pretrained, tmp_path, lr)
+    assert metrics["final_loss"] < 0.3 and metrics["steps"] == 24
