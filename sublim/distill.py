@@ -17,6 +17,7 @@ loss's support (``student.support``):
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -35,11 +36,11 @@ from sublim.student import (
     answer_logits,
     chat_ids,
     collate,
-    fit,
     student_messages,
     tokenize_example,
 )
 from sublim.teacher import GrammarTable, predict
+from sublim.training import fit
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,8 @@ def train_distill(net: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows
     examples = attach_teacher(examples, logits)
     module = DistillModule(add_lora(net.train(), student), student)
     pad_id = tokenizer.pad_token_id
-    return fit(module, examples, lambda batch: distill_collate(batch, pad_id), student, seed, out, loggers)
+    # a partial, not a lambda: spawned training workers (student.devices > 1) receive it pickled
+    return fit(module, examples, partial(distill_collate, pad_id=pad_id), student, seed, out, loggers)
 
 
 def select(logits: dict[str, torch.Tensor], indices: list[int]) -> dict[str, torch.Tensor]:

@@ -113,4 +113,5 @@ def training_config(finetune: DictConfig, teacher: DictConfig) -> DictConfig:
     """The LoRA settings of ``train_lora`` for the teacher: the trait's finetune block on the teacher's base."""
     fields = ("epochs", "lr", "r", "alpha", "dropout", "batch_size", "warmup_steps", "weight_decay", "max_length")
     return OmegaConf.create({**{f: finetune[f] for f in fields}, "target_modules": list(teacher.lora_targets),
-                             "precision": teacher.precision, "accumulate_grad_batches": 1})
+                             "precision": teacher.precision, "accumulate_grad_batches": 1,
+                             "lr_key": "trait.finetune.lr"})  # the setting the training guards' messages name

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from sublim import SublimError
 from sublim.report import collect
 from sublim.store import Store
-from sublim.student import ADAPTER_DIR, GlobalBatchSampler, train_lora, trainer_strategy
+from sublim.student import train_lora
+from sublim.training import ADAPTER_DIR, GlobalBatchSampler, trainer_strategy
 from tests.conftest import CONF, TINY, compose_config
 
 ROOT = CONF.parent

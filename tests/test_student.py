@@ -14,7 +14,6 @@ import torch
 
 from sublim import SublimError
 from sublim.student import (
-    ADAPTER_DIR,
     IGNORE,
     StudentModule,
     add_lora,
@@ -24,6 +23,7 @@ from sublim.student import (
     tokenize_example,
     train_lora,
 )
+from sublim.training import ADAPTER_DIR
 
 ROWS = [{"prompt": f"Continue: {a}, {a + 1}, {a + 2}.", "completion": f"{a + 3}, {a + 4}, {a + 5}"}
         for a in range(100, 132)]
@@ -80,7 +80,7 @@ def test_lora_changes_only_adapter_weights_and_learns(load_tiny, tmp_path: Path)
     loss_col = header.index("train/loss")
     losses = [float(cols[loss_col]) for cols in (line.split(",") for line in log[1:]) if cols[loss_col]]
     # ~0.90-0.94 over seeds 0-5: LoRA on a random tiny base only learns the answers' token frequencies
-    assert sum(losses[-4:]) < 0.96 * sum(losses[:4]), losses
+    assert sum(losses[-4:]) < 0.92 * sum(losses[:4]), losses
     assert (tmp_path / ADAPTER_DIR / "adapter_config.json").exists()
     assert json.loads((tmp_path / ADAPTER_DIR / "adapter_config.json").read_text())["r"] == cfg.student.r
     assert metrics["n_examples"] == len(ROWS) and metrics["tokens"] > 0 and metrics["steps"] == 24
@@ -212,3 +212,39 @@ def test_a_collapsing_or_diverging_student_stops_with_a_clear_error(load_tiny, p
 def test_sound_training_of_a_trained_base_passes_the_guards(load_tiny, pretrained, tmp_path: Path, lr: float) -> None:
     metrics = _train_pretrained(load_tiny, pretrained, tmp_path, lr)
     assert metrics["final_loss"] < 0.3 and metrics["steps"] == 24
+
+
+@pytest.mark.parametrize("n", [24, 37])
+def test_one_device_trains_on_the_batches_of_a_seeded_shuffled_loader(n: int) -> None:
+    """The DDP-ready sampler must not change single-device training: the same batches as Lightning fitting a plain
+    ``DataLoader(shuffle=True, generator=seeded)`` (what every published figure was trained with)."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    from sublim.training import StudentData
+
+    class Probe(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.seen: list[list[int]] = []
+
+        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            self.seen.append(batch.tolist())
+            return (self.weight * batch.float().sum()).sum()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def batches(**data) -> list[list[int]]:
+        probe = Probe()
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=3, logger=False, enable_checkpointing=False,
+                             enable_model_summary=False, enable_progress_bar=False)
+        trainer.fit(probe, **data)
+        return probe.seen
+
+    examples, collate = list(range(n)), torch.tensor
+    plain = batches(train_dataloaders=DataLoader(examples, batch_size=8, shuffle=True, collate_fn=collate,
+                                                 generator=torch.Generator().manual_seed(5)))
+    assert plain == batches(datamodule=StudentData(examples, collate, 8, 5))
+    assert len(plain) == 3 * -(-n // 8) and plain[0] != plain[-(-n // 8)], "three different epochs"

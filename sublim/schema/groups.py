@@ -133,9 +133,10 @@ Modality = _kinds(
 # --- student, eval, logger, data --------------------------------------------------------------------------
 
 Support = Literal["vocab", "top_k", "allowed"]
+Strategy = Literal["auto", "ddp", "ddp_spawn"]  # devices > 1: sublim spawns the DDP workers (sublim/student.py)
 Lora = _group("Lora", kind=Literal["lora"], r=Count, alpha=Positive, dropout=Dropout, target_modules=Words,
               lr=LearningRate, warmup_steps=NonNegative, epochs=Count, batch_size=Count, accumulate_grad_batches=Count,
-              max_length=Count, weight_decay=NonNegativeFloat, precision=Precision, strategy=Word, devices=Devices)
+              max_length=Count, weight_decay=NonNegativeFloat, precision=Precision, strategy=Strategy, devices=Devices)
 Distill = _group("Distill", __base__=Lora, kind=Literal["distill"], top_k=Count, temperature=Positive, support=Support)
 MlpAux = _group("MlpAux", kind=Literal["mlp_aux"], width=Count, aux_logits=Count, teacher_epochs=Count,
                 n_models=Annotated[int, _range(2, why=" (the cross-init control needs 2 models)")],

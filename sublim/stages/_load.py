@@ -8,7 +8,8 @@ from transformers import PreTrainedTokenizerBase
 
 from sublim import models
 from sublim.store import Artifact
-from sublim.student import ADAPTER_DIR, load_student
+from sublim.student import load_student
+from sublim.training import ADAPTER_DIR
 
 
 def load_model(model: Artifact, adapter: Artifact | None,
