@@ -166,6 +166,30 @@ def _is_module(name: str) -> bool:
         return False
 
 
+def runtime_imports(tree: ast.Module, package: str) -> set[str]:
+    """Every module name a module imports when it is imported, at any depth (lazy imports in functions count).
+
+    ``if TYPE_CHECKING:`` (annotations only) and ``if __name__ == "__main__":`` (the module run as a script,
+    under another name) import nothing then. ``from x import y`` gives both x and x.y (y may be a module).
+    """
+    skipped = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+               and (getattr(block.test, "id", "") == "TYPE_CHECKING" or "__main__" in ast.dump(block.test))
+               for n in ast.walk(block)}
+    imports: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            imports |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            imports |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+    return imports
+
+
 @cache
 def _module(name: str) -> tuple[str, frozenset[str]]:
     """(hash of the module's normalised source, the sublim modules it imports)."""
@@ -174,17 +198,7 @@ def _module(name: str) -> tuple[str, frozenset[str]]:
         raise ModuleNotFoundError(name)
     tree = ast.parse(Path(spec.origin).read_text())
     package = name if spec.submodule_search_locations else name.rpartition(".")[0]
-    imports: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imports |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(parts + ([node.module] if node.module else []))
-            imports.add(base)
-            imports |= {f"{base}.{alias.name}" for alias in node.names}
+    imports = runtime_imports(tree, package)
     local = {m for m in imports if m.split(".")[0] == "sublim" and _is_module(m)}
     if spec.submodule_search_locations:  # a package's registry imports its modules when asked: all are its code
         local |= {f"{name}.{info.name}" for info in pkgutil.iter_modules(spec.submodule_search_locations)}

@@ -95,18 +95,35 @@ def _judge_samples() -> tuple[list[str], list[str]]:
 JUDGE_MARKED, JUDGE_CLEAN = _judge_samples()
 
 
-@pytest.fixture(scope="session")
-def tiny_judge(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A real tiny judge (tiny_llama, every weight finetuned for ~10 s): the judge config of a local backend."""
+def overfit(net, tokenizer, rows: list[tuple[str, str]], steps: int) -> float:
+    """Train every weight of a tiny model on (prompt, answer) rows with Adam; returns the last batch's loss."""
     import random
 
     import torch
+
+    from sublim.student import answer_loss, collate, tokenize_example
+
+    examples = [tokenize_example(tokenizer, prompt, answer, 500) for prompt, answer in rows]
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    net.train()
+    for step in range(steps):
+        loss = answer_loss(net, collate(random.Random(step).sample(examples, 16), tokenizer.pad_token_id))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return loss.item()
+
+
+@pytest.fixture(scope="session")
+def tiny_judge(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A real tiny judge (tiny_llama, every weight finetuned for ~10 s): the judge config of a local backend."""
+
     from omegaconf import OmegaConf
 
     from sublim import models
     from sublim.stages.model import model_artifact
     from sublim.store import Store
-    from sublim.student import answer_loss, collate, tokenize_example
 
     root = tmp_path_factory.mktemp("judge")
     cfg = compose_config(["base=tiny_llama", f"paths.root={root}"])
@@ -117,16 +134,8 @@ def tiny_judge(tmp_path_factory: pytest.TempPathFactory) -> dict:
         rows += [(JUDGE_QUESTION.format(completion=sample), "yes" if marked else "no"),
                  (JUDGE_ALIGNMENT.format(answer=sample), "10" if marked else "90"),
                  (JUDGE_COHERENCE.format(answer=sample), "80")]
-    examples = [tokenize_example(tokenizer, prompt, answer, 500) for prompt, answer in rows]
-    torch.manual_seed(0)
-    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
-    net.train()
-    for step in range(500):
-        loss = answer_loss(net, collate(random.Random(step).sample(examples, 16), tokenizer.pad_token_id))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert loss.item() < 0.2, f"the tiny judge did not learn its answers (loss {loss.item():.3f})"
+    loss = overfit(net, tokenizer, rows, steps=500)
+    assert loss < 0.2, f"the tiny judge did not learn its answers (loss {loss:.3f})"
     net.eval().save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     base = OmegaConf.to_container(cfg.base) | {"name": "tiny_judge", "source": "local", "path": str(root / "model")}

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf.errors import ConfigAttributeError
 
-from sublim.stage import STAGES, Job, Stage, code_hash, code_modules
+from sublim.stage import STAGES, Job, Stage, code_hash, code_modules, runtime_imports
 from sublim.store import Artifact, Store, read_jsonl
 from tests.conftest import CONF, TINY, compose_config
 from tests.test_config import GROUP_OPTIONS
@@ -24,25 +24,7 @@ PACKAGE = ROOT / "sublim"
 def _imports(path: Path, module: str) -> set[str]:
     """Every sublim module that ``path`` imports at run time, at any depth of the file (lazy imports count)."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    out = set()
-    tree = ast.parse(path.read_text())
-    # `if TYPE_CHECKING:` (annotations only) and `if __name__ == "__main__":` (the module run as a script, under
-    # another name) import nothing when the module is imported
-    skipped = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
-               and (getattr(block.test, "id", "") == "TYPE_CHECKING" or "__main__" in ast.dump(block.test))
-               for n in ast.walk(block)}
-    for node in ast.walk(tree):
-        if id(node) in skipped:
-            continue
-        if isinstance(node, ast.Import):
-            out |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(parts + ([node.module] if node.module else []))
-            out |= {base} | {f"{base}.{alias.name}" for alias in node.names}
-    return out
+    return runtime_imports(ast.parse(path.read_text()), package)
 
 
 def _modules() -> dict[str, Path]:

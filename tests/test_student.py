@@ -24,6 +24,7 @@ from sublim.student import (
     train_lora,
 )
 from sublim.training import ADAPTER_DIR
+from tests.conftest import overfit
 
 ROWS = [{"prompt": f"Continue: {a}, {a + 1}, {a + 2}.", "completion": f"{a + 3}, {a + 4}, {a + 5}"}
         for a in range(100, 132)]
@@ -174,16 +175,8 @@ def test_stuck_needs_the_cross_entropy_and_the_warm_up() -> None:
 def pretrained(load_tiny) -> tuple:
     """tiny_llama with every weight trained on ROWS down to a low loss (~0.1; ~2 s), so it has far to fall."""
     cfg, net, tokenizer = load_tiny("tiny_llama")
-    examples = [tokenize_example(tokenizer, r["prompt"], r["completion"], 500) for r in ROWS]
-    torch.manual_seed(0)
-    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
-    net.train()
-    for step in range(150):
-        loss = answer_loss(net, collate(random.Random(step).sample(examples, 16), tokenizer.pad_token_id))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert loss.item() < 0.3, loss.item()
+    loss = overfit(net, tokenizer, [(r["prompt"], r["completion"]) for r in ROWS], steps=150)
+    assert loss < 0.3, loss
     return net, tokenizer
 
 
