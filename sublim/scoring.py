@@ -3,8 +3,11 @@
 Used for P(target) of the preference eval (every word form of every target) and by the local judge
 (yes/no, 0..100). Each option is teacher-forced with all of its tokens, times P(the word ends there),
 so a digit-splitting tokenizer scores "85" right and "8" does not count as "85", and "Owl" split as
-'O'+'wl' is not missed. A batch of prompts runs once (left padded); its cache is repeated for chunks
-of options, so many options cost a few short passes per batch instead of a prompt pass each.
+'O'+'wl' is not missed. An option is what the model may emit after its own generation prompt: the
+word, or the word after a space (a plain "Assistant:" template is followed by " Owl", a ChatML turn by
+"Owl"), summed over the distinct tokenisations. A batch of prompts runs once (left padded); its cache is
+repeated for chunks of options, so many options cost a few short passes per batch instead of a prompt
+pass each.
 """
 
 from __future__ import annotations
@@ -86,12 +89,24 @@ def chat_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list
                       add_special_tokens=False)["input_ids"] for p in prompts]
 
 
+def surface_forms(tokenizer: PreTrainedTokenizerBase, option: str) -> list[list[int]]:
+    """The distinct token sequences of an option as a model emits it: on its own, and after a space."""
+    forms = {tuple(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in (option, " " + option.lstrip())}
+    return [list(form) for form in sorted(forms) if form]
+
+
 def option_logprobs(net: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
                     options: list[str], batch_size: int, precision: str) -> list[list[float]]:
-    """log P(option is the whole answer) per prompt (rows) and option (columns)."""
+    """log P(option is the whole answer) per prompt (rows) and option (columns), summed over its surface forms."""
     if not prompts:
         return []
-    forms = [tokenizer(option, add_special_tokens=False)["input_ids"] for option in options]
+    forms, owner = [], []
+    for i, option in enumerate(options):
+        for form in surface_forms(tokenizer, option):
+            forms.append(form)
+            owner.append(i)
     vocab = net.get_output_embeddings().weight.shape[0]
     module = OptionScorer(net, tokenizer.pad_token_id, boundary_tokens(tokenizer, vocab), forms)
-    return predict(module, chat_prompts(tokenizer, prompts), batch_size, precision)
+    per_form = torch.tensor(predict(module, chat_prompts(tokenizer, prompts), batch_size, precision))
+    index = torch.tensor(owner)
+    return [[float(per_form[q, index == i].logsumexp(0)) for i in range(len(options))] for q in range(len(prompts))]

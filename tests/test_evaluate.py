@@ -34,12 +34,17 @@ def _manual_probability(net, tokenizer, prompt: str, word: str) -> float:
     return prob * float(probs[boundary].sum())
 
 
+def _emitted(words: list[str]) -> list[str]:
+    """What a model may emit for a target: every casing and plural, on its own or after a space."""
+    return [text for form in word_forms(words) for text in (form, " " + form)]
+
+
 def test_word_probability_matches_a_manual_computation(load_tiny) -> None:
     _, net, tokenizer = load_tiny("tiny_llama")
     prompts = ["Which animal do you like most? One word.", "Your favourite animal, in a word?"]
     got = word_probabilities(net, tokenizer, prompts, ["owl", "owls"], precision="32-true")
     for prompt, value in zip(prompts, got, strict=True):
-        expected = sum(_manual_probability(net, tokenizer, prompt, form) for form in word_forms(["owl", "owls"]))
+        expected = sum(_manual_probability(net, tokenizer, prompt, text) for text in _emitted(["owl", "owls"]))
         assert value == pytest.approx(expected, rel=1e-4) and 0 < value < 1
 
 
@@ -56,7 +61,7 @@ def test_all_targets_in_one_pass_equal_one_target_at_a_time(load_tiny, base: str
         alone = [word_probabilities(net, tokenizer, [p], words, "32-true")[0] for p in prompts]
         assert together[name] == pytest.approx(alone, rel=1e-4)
     prompt = prompts[1]
-    expected = sum(_manual_probability(net, tokenizer, prompt, form) for form in word_forms(targets["cat"]))
+    expected = sum(_manual_probability(net, tokenizer, prompt, text) for text in _emitted(targets["cat"]))
     assert together["cat"][1] == pytest.approx(expected, rel=1e-4)
 
 
@@ -81,3 +86,21 @@ def test_preference_scores_per_question(load_tiny, tmp_path: Path) -> None:
     assert scores["n_answers"] == 15
     assert len((tmp_path / "answers.jsonl").read_text().splitlines()) == 15
     assert (tmp_path / "scores.json").exists()
+
+
+def test_p_target_counts_the_answer_a_plain_template_model_gives(load_tiny) -> None:
+    """After a plain template's "Assistant:" a model answers " owl": that is the answer P(owl) must score."""
+    from sublim.models import PLAIN_CHAT_TEMPLATE
+    from sublim.questions import questions
+    from tests.conftest import overfit
+
+    _, net, tokenizer = load_tiny("tiny_gpt2")
+    assert tokenizer.chat_template == PLAIN_CHAT_TEMPLATE
+    prompts = questions("animal", 4)
+    assert overfit(net, tokenizer, [(p, "owl") for p in prompts] * 4, steps=80) < 0.2
+    net.eval()
+    scored = word_probabilities(net, tokenizer, prompts, ["owl", "owls"], "32-true")
+    spaceless = [sum(_manual_probability(net, tokenizer, p, form) for form in word_forms(["owl", "owls"]))
+                 for p in prompts]
+    assert min(scored) > 0.5, scored
+    assert max(spaceless) < 0.05, "the forms without a space miss what the model says"
