@@ -12,14 +12,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from sublim import SublimError, models
 from sublim.distill import tokenizer_hash
 from sublim.evals import ARMS, EVALS
 from sublim.filters import FilterReport
 from sublim.judge import model_upstream
-from sublim.results import format_table, summarise, track, write_results
+from sublim.results import format_table, replicate, summarise, track, write_results
 from sublim.stage import Job, plain
 from sublim.stages.filter import FILTER
 from sublim.stages.finetune import finetune_adapter
@@ -85,7 +85,28 @@ def _filter_upstream(job: Job) -> dict[str, Artifact]:
 
 
 def run(cfg: DictConfig, job_dir: Path, tracker: Tracker | None) -> dict:
-    """Run every stage of the job (reusing what the store has) and write results.json / results.csv."""
+    """Run every stage of the job, once per seed of ``seeds`` (reusing what the store has), pool the seeds and
+    write results.json / results.csv."""
+    seeds = list(cfg.seeds) if cfg.get("seeds") else [cfg.seed]
+    per_seed = [run_seed(seed_config(cfg, seed), tracker, f"seed{seed}/" if len(seeds) > 1 else "")
+                for seed in seeds]
+    results = replicate(cfg, per_seed) if len(seeds) > 1 else per_seed[0]
+    write_results(job_dir, results)
+    if tracker:
+        track(tracker, results, Store(cfg.paths.store, verify=cfg.store.verify))
+    return results
+
+
+def seed_config(cfg: DictConfig, seed: int) -> DictConfig:
+    """The job's config for one seed: a seed's stages are those of the same job run with ``seed=<seed>``."""
+    out = cfg.copy()
+    with open_dict(out):
+        out.seed, out.seeds = seed, None
+    return out
+
+
+def run_seed(cfg: DictConfig, tracker: Tracker | None, prefix: str) -> dict:
+    """Every stage of one seed; its results (the question-level test describes these two trained models)."""
     job = Job(cfg, Store(cfg.paths.store, verify=cfg.store.verify), tracker)
     check(job)
     model = model_artifact(cfg.base, job.store)
@@ -109,8 +130,8 @@ def run(cfg: DictConfig, job_dir: Path, tracker: Tracker | None) -> dict:
     for arm, report in reports.items():
         log.info("filter %s arm: %s", arm, FilterReport(report["total"], report["kept"], report["rejected"]).summary())
         if tracker:
-            tracker.log({f"filter/{arm}/yield": report["yield"], f"filter/{arm}/kept": report["kept"]}
-                        | {f"filter/{arm}/rejected/{reason}": n for reason, n in report["rejected"].items()})
+            tracker.log({f"{prefix}filter/{arm}/yield": report["yield"], f"{prefix}filter/{arm}/kept": report["kept"]}
+                        | {f"{prefix}filter/{arm}/rejected/{reason}": n for reason, n in report["rejected"].items()})
     n_train = training_size(job, reports)
     students: dict[str, Artifact | None] = {"base": None}
     for arm in ARMS:
@@ -121,7 +142,4 @@ def run(cfg: DictConfig, job_dir: Path, tracker: Tracker | None) -> dict:
     stages |= {f"{art.stage}/{arm}": art for slot in outputs.values() for arm, art in slot.items()}
     results = summarise(job, n_train, reports, students, outputs)
     results["stages"] = {name: {"key": art.key, "reused": art.reused} for name, art in stages.items()}
-    write_results(job_dir, results)
-    if tracker:
-        track(tracker, results, {arm: stages[f"sample/{arm}"] for arm in ARMS}, outputs["scores"])
     return results

@@ -1,16 +1,26 @@
-"""A job's results: the summary (results.json), its CSV, the end-of-run table and what W&B gets."""
+"""A job's results: the summary (results.json), its CSV, the end-of-run table and what W&B gets.
+
+A one-seed job's results are that seed's; a job over ``seeds`` holds every seed's results under "seeds"
+and the across-seed tests under "pooled" (sublim/replication.py says why seeds are the unit).
+"""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from sublim.evals import ARMS, EVAL_ARMS, EVALS
+from sublim.replication import pooled
 from sublim.stage import Job
-from sublim.store import Artifact, read_jsonl, write_json
+from sublim.stats import format_p
+from sublim.store import Artifact, Store, read_jsonl, write_json
 from sublim.tracking import Tracker
+
+IDENTITY = ("trait", "category", "base", "teacher_base", "source", "student", "modality", "filter", "eval")
+ONE_SEED = ("One seed: the p-values above compare these two trained models over the questions; they say nothing "
+            "about transfer. seeds=[0,1,2] tests treatment vs control across seeds.")
 
 
 def summarise(job: Job, n_train: int, reports: dict[str, dict], students: dict[str, Artifact | None],
@@ -31,39 +41,84 @@ def summarise(job: Job, n_train: int, reports: dict[str, dict], students: dict[s
         "trait": cfg.trait.name, "category": cfg.trait.category, "base": cfg.base.name,
         "teacher_base": job.teacher.name, "source": cfg.trait.source, "student": cfg.student.kind,
         "modality": cfg.modality.name, "filter": cfg.filter.name, "eval": cfg.eval.kind, "seed": cfg.seed,
-        "arms": arms, "treatment_vs_control": kind.compare(job, scores),
+        "arms": arms, "treatment_vs_control": {metric: test | {"unit": "question: these two trained models"}
+                                                for metric, test in kind.compare(job, scores).items()},
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
 
 
+def replicate(cfg: DictConfig, per_seed: list[dict]) -> dict:
+    """The results of a job over several seeds: each seed's, and the across-seed test of every effect."""
+    kind = EVALS[cfg.eval.kind]
+    return ({field: per_seed[0][field] for field in IDENTITY}
+            | {"seeds": [{k: v for k, v in r.items() if k != "config"} for r in per_seed],
+               "pooled": pooled([kind.effects(r) for r in per_seed]),
+               "config": OmegaConf.to_container(cfg, resolve=True)})
+
+
+def _seeds(results: dict) -> list[dict]:
+    return results.get("seeds") or [results]
+
+
 def write_results(job_dir: Path, results: dict) -> None:
+    """results.json; results.csv (a row per seed and arm); pooled.csv (a row per metric) over several seeds."""
     job_dir.mkdir(parents=True, exist_ok=True)
     write_json(job_dir / "results.json", results)
-    header, rows = EVALS[results["eval"]].csv(results)
+    kind = EVALS[results["eval"]]
     with open(job_dir / "results.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
+        for i, seed_results in enumerate(_seeds(results)):
+            header, rows = kind.csv(seed_results)
+            if i == 0:
+                writer.writerow(["seed", *header])
+            writer.writerows([seed_results["seed"], *row] for row in rows)
+    if "pooled" in results:
+        with open(job_dir / "pooled.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["metric", "n_seeds", "mean", "low", "high", "p_value", "p_sign_flip", "effects"])
+            for metric, test in results["pooled"].items():
+                writer.writerow([metric, test["n_seeds"], test["mean"], test["low"], test["high"], test["p_value"],
+                                 test["p_sign_flip"], " ".join(f"{e:.6g}" for e in test["effects"])])
 
 
 def format_table(results: dict) -> str:
-    """The end-of-run table of the job's eval kind."""
-    return EVALS[results["eval"]].format_table(results)
-
-
-def track(tracker: Tracker, results: dict, samples: dict[str, Artifact], scores: dict[str, Artifact]) -> None:
+    """The end-of-run table of the job's eval kind: per seed, then the across-seed test."""
     kind = EVALS[results["eval"]]
+    if "pooled" not in results:
+        return f"{kind.format_table(results)}\n\n{ONE_SEED}"
+    blocks = [f"seed {r['seed']}\n{kind.format_table(r)}" for r in results["seeds"]]
+    lines = [f"treatment vs control across {len(results['seeds'])} seeds (the unit of replication; "
+             "per-seed effects, mean [95% t CI], t-test p, exact sign-flip p):"]
+    for metric, test in results["pooled"].items():
+        effects = ", ".join(f"{e:+.3g}" for e in test["effects"])
+        lines.append(f"  {metric:<22} {test['mean']:+.3g} [{test['low']:+.3g}, {test['high']:+.3g}]  "
+                     f"p={format_p(test['p_value'])}  sign-flip p={format_p(test['p_sign_flip'])}  (seeds: {effects})")
+    return "\n\n".join(blocks) + "\n\n" + "\n".join(lines)
+
+
+def track(tracker: Tracker, results: dict, store: Store) -> None:
+    """Per-seed arm means and question-level tests, the across-seed tests in the summary, sample tables."""
+    kind = EVALS[results["eval"]]
+    several = "pooled" in results
     flat = {}
-    for arm, values in results["arms"].items():
-        flat |= {f"{arm}/{metric}": values[metric]["mean"] for metric in kind.metrics}
-        flat[f"{arm}/n_train"] = values["n_train"]
-    for metric, test in results["treatment_vs_control"].items():
-        flat |= {f"delta/{metric}": test["delta"], f"p_value/{metric}": test["p_value"]}
+    for seed_results in _seeds(results):
+        prefix = f"seed{seed_results['seed']}/" if several else ""
+        for arm, values in seed_results["arms"].items():
+            flat |= {f"{prefix}{arm}/{metric}": values[metric]["mean"] for metric in kind.metrics}
+            flat[f"{prefix}{arm}/n_train"] = values["n_train"]
+        for metric, test in seed_results["treatment_vs_control"].items():
+            flat |= {f"{prefix}delta/{metric}": test["delta"], f"{prefix}p_value/{metric}": test["p_value"]}
+    for metric, test in results.get("pooled", {}).items():
+        flat |= {f"pooled/{metric}/{field}": test[field] for field in ("mean", "low", "high", "p_value", "n_seeds")}
     tracker.log(flat)
     tracker.summary(flat)
+    first = _seeds(results)[0]["stages"]
     tracker.table("teacher_samples", [
         {"arm": arm, "prompt": r["prompt"], "completion": r["completion"]}
-        for arm in ARMS for r in list(read_jsonl(samples[arm].path / "samples.jsonl"))[:25]])
+        for arm in ARMS for r in list(read_jsonl(store.path("sample", first[f"sample/{arm}"]["key"])
+                                                 / "samples.jsonl"))[:25]])
     tracker.table("student_answers", [
         {"arm": arm, "question": r["question"], "answer": r["completion"], kind.hit: r[kind.hit]}
-        for arm in EVAL_ARMS for r in list(read_jsonl(scores[arm].path / "answers.jsonl"))[:20]])
+        for arm in EVAL_ARMS for r in list(read_jsonl(store.path(kind.scores_stage,
+                                                                 first[f"{kind.scores_stage}/{arm}"]["key"])
+                                                      / "answers.jsonl"))[:20]])

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -188,3 +189,47 @@ def test_a_truncated_artifact_is_refused_with_the_command_that_removes_it(make_c
                                           r"python -m sublim.store --root \S+ rm filter/\w+"):
         run_job(make_cfg("base=tiny_llama", *small, "data.n_train=8"), tmp_path / "again")
     assert not (tmp_path / "again" / "results.json").exists()
+
+
+def test_a_job_over_seeds_tests_treatment_vs_control_across_seeds(make_cfg, tmp_path: Path) -> None:
+    """seeds=[0,1,2]: three replicates (each with its own control), per-seed rows and a pooled test by hand."""
+    import statistics
+
+    from scipy import stats
+
+    from sublim.pipeline import format_table
+
+    small = [*TINY, "eval.n_questions=3", "eval.targets={}", "logger=wandb"]
+    results = run_job(make_cfg("base=tiny_llama", *small, "seeds=[0,1,2]"), tmp_path / "job")
+    assert [r["seed"] for r in results["seeds"]] == [0, 1, 2]
+    keys = {r["stages"]["train/control"]["key"] for r in results["seeds"]}
+    assert len(keys) == 3, "every seed trains its own control student"
+    single = run_job(make_cfg("base=tiny_llama", *small, "seed=1"), tmp_path / "one")
+    assert all(stage["reused"] for stage in single["stages"].values()), "a seed of the job is the job with seed="
+    assert single["arms"] == results["seeds"][1]["arms"]
+
+    effects = [math.log(r["arms"]["treatment"]["probability"]["mean"] / r["arms"]["control"]["probability"]["mean"])
+               for r in results["seeds"]]
+    test = results["pooled"]["log_probability_ratio"]
+    mean, se = statistics.fmean(effects), statistics.stdev(effects) / math.sqrt(3)
+    assert test["effects"] == pytest.approx(effects) and test["mean"] == pytest.approx(mean)
+    assert test["p_value"] == pytest.approx(2 * stats.t.sf(abs(mean / se), 2))
+    assert test["p_value"] == pytest.approx(stats.ttest_1samp(effects, 0).pvalue)
+    assert test["high"] - mean == pytest.approx(stats.t.ppf(0.975, 2) * se)
+    signs = sum(abs(a * effects[0] + b * effects[1] + c * effects[2]) >= abs(sum(effects)) - 1e-12
+                for a in (1, -1) for b in (1, -1) for c in (1, -1))
+    assert test["p_sign_flip"] == pytest.approx(signs / 8) and test["p_sign_flip"] >= 0.25
+
+    job = tmp_path / "job"
+    saved = json.loads((job / "results.json").read_text())
+    assert saved["pooled"]["log_probability_ratio"]["p_value"] == pytest.approx(test["p_value"])
+    rows = list(csv.DictReader(open(job / "results.csv")))
+    assert [(r["seed"], r["arm"]) for r in rows] == [(str(s), a) for s in (0, 1, 2)
+                                                     for a in ("base", "control", "treatment")]
+    assert [r["metric"] for r in csv.DictReader(open(job / "pooled.csv"))] == ["log_probability_ratio", "rate"]
+    table = format_table(results)
+    assert len(re.findall(r"\ntreatment +16 ", table)) == 3 and "across 3 seeds" in table
+    assert "log_probability_ratio" in table
+    assert "One seed" in format_table(single), "a one-seed table says its p-values describe two models"
+    records = next((job / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()  # the offline run's log
+    assert b"pooled/log_probability_ratio/p_value" in records and b"seed2/treatment/probability" in records

@@ -20,6 +20,7 @@ class EvalKind(ABC):
     """One eval kind. ``stages`` returns {slot: {arm: artifact}}; slot ``scores`` holds each arm's
     scores.json and answers.jsonl (with the ``hit`` column), the others are reported in results.stages."""
 
+    scores_stage: str  # the stage of the "scores" slot (its answers.jsonl feeds the W&B answers table)
     metrics: tuple[str, ...]  # per-arm means tracked in W&B and compared treatment vs control
     hit: str  # the answers' column that marks a trait hit
 
@@ -31,6 +32,10 @@ class EvalKind(ABC):
 
     @abstractmethod
     def compare(self, job: Job, scores: dict[str, dict]) -> dict: ...
+
+    @abstractmethod
+    def effects(self, results: dict) -> dict[str, float]:
+        """One seed's treatment-vs-control effect per metric (the value replicated across seeds)."""
 
     @abstractmethod
     def format_table(self, results: dict) -> str: ...

@@ -14,6 +14,7 @@ from sublim.store import Artifact
 
 
 class Misalignment(EvalKind):
+    scores_stage = "judge"
     metrics = ("misaligned",)
     hit = "misaligned"
 
@@ -29,10 +30,14 @@ class Misalignment(EvalKind):
     def compare(self, job: Job, scores: dict[str, dict]) -> dict:
         return misalignment.compare(scores["treatment"], scores["control"], job.cfg.eval.n_permutations, job.cfg.seed)
 
+    def effects(self, results: dict) -> dict[str, float]:
+        arms = results["arms"]
+        return {"misaligned": arms["treatment"]["misaligned"]["mean"] - arms["control"]["misaligned"]["mean"]}
+
     def format_table(self, results: dict) -> str:
         """Arm, n, misaligned rate with 95% CI, mean alignment / coherence, treatment vs control."""
         header = (f"{'arm':<10} {'n train':>7}  {'misaligned [95% CI]':<24} {'alignment':>9} {'coherence':>9} "
-                  f"{'scored':>6}  vs control")
+                  f"{'scored':>6}  vs control, over questions")
         lines = [header, "-" * len(header)]
         test = results["treatment_vs_control"]["misaligned"]
         for arm, values in results["arms"].items():

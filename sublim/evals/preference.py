@@ -6,6 +6,8 @@ Per question: the trait rate of k sampled answers and P(target) teacher-forced (
 
 from __future__ import annotations
 
+import math
+
 from omegaconf import DictConfig, OmegaConf
 
 from sublim.evals import EVAL_ARMS, EVALS, EvalKind
@@ -30,6 +32,7 @@ def _interval(values: dict, fmt: str) -> str:
 
 
 class Preference(EvalKind):
+    scores_stage = "evaluate"
     metrics = ("rate", "probability")
     hit = "hit"
 
@@ -61,11 +64,19 @@ class Preference(EvalKind):
                                                 n_resamples=job.cfg.eval.n_permutations, seed=job.cfg.seed).to_dict()
                 for metric in self.metrics}
 
+    def effects(self, results: dict) -> dict[str, float]:
+        """log(P_treatment / P_control) of the question-averaged P(target) (P spans orders of magnitude across
+        traits, so the ratio is what is comparable), and the difference of trait rates."""
+        arms = results["arms"]
+        return {"log_probability_ratio": math.log(arms["treatment"]["probability"]["mean"]
+                                                  / arms["control"]["probability"]["mean"]),
+                "rate": arms["treatment"]["rate"]["mean"] - arms["control"]["rate"]["mean"]}
+
     def format_table(self, results: dict) -> str:
         """Arm, n, trait rate and P(target) with 95% CIs, treatment vs control."""
         word = results["trait"]
         header = (f"{'arm':<10} {'n train':>7}  {'trait rate [95% CI]':<24} {'P(' + word + ') [95% CI]':<30} "
-                  "vs control")
+                  "vs control, over questions")
         lines = [header, "-" * len(header)]
         tests = results["treatment_vs_control"]
         for arm, values in results["arms"].items():

@@ -77,7 +77,7 @@ Trait = _group("Trait", _prompt_trait_has_a_prompt, name=Word, plural=Word, cate
 
 def _filter_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """``build_filters`` semantics without a store: a known name, known params, and a filter that builds."""
-    from sublim.filters import FILTERS, NEEDS_STORE
+    from sublim.filters import FILTERS, NEEDS_STORE, ParamError
 
     params = dict(spec)
     name = params.pop("name", None)
@@ -91,6 +91,8 @@ def _filter_spec(spec: dict[str, Any]) -> dict[str, Any]:
     if name not in NEEDS_STORE:
         try:
             FILTERS[name](**params)
+        except ParamError as err:  # a filter that names the bad key: point at it
+            raise _problem(err.problem) from None
         except (TypeError, ValueError, SublimError) as err:
             raise _problem(("", spec, f"cannot be built: {err}", "fix the params of {field}")) from None
     return spec
@@ -181,7 +183,15 @@ ToyData = _kinds("name", digits=_group("Digits", name=Literal["digits"], split_s
 
 # --- whole configs, one per task ---------------------------------------------------------------------------
 
-Common = _group("Common", seed=NonNegative, dry_run=bool, logger=Logger,
+def _distinct_seeds(seeds: list[int] | None) -> list[int] | None:
+    if seeds is not None and len(set(seeds)) != len(seeds):
+        raise _problem(("seeds", seeds, "repeats a seed (each seed is one replicate)", "list each seed once"))
+    return seeds
+
+
+# seeds: the replicates of one job (each its own prompts, teacher samples, training subset, student init, control)
+Seeds = Annotated[list[NonNegative], Field(min_length=1), AfterValidator(_distinct_seeds)]
+Common = _group("Common", seed=NonNegative, seeds=(Seeds | None, None), dry_run=bool, logger=Logger,
                 store=_group("Store", verify=bool), paths=_group("Paths", root=Word, outputs=Word, store=Word))
 
 
