@@ -11,7 +11,7 @@ import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from sublim import SublimError
 from sublim.store import Store
@@ -19,6 +19,18 @@ from sublim.store import Store
 # Runs of digits, of allowed separator chars, or of anything else (maximal runs alternate).
 _TOKEN_RE = re.compile(r"(?P<num>[0-9]+)|(?P<sep>[\s,;]+)|(?P<other>[^0-9\s,;]+)")
 _WRAPPERS = (("[", "]"), ("(", ")"))
+SEPARATOR_MODES = ("consistent", "any")
+
+
+class ParamError(ValueError):
+    """A filter parameter that cannot work, kept with its key so the config check names ``filter.filters.N.<key>``.
+
+    ``fix`` may say ``{field}`` for the key (the config check fills in the full key).
+    """
+
+    def __init__(self, filter_name: str, param: str, value: Any, what: str, fix: str) -> None:
+        super().__init__(f"{filter_name}: {param}={value} {what}; {fix.replace('{field}', param)}")
+        self.problem = (param, value, what, fix)
 
 
 class Filter(Protocol):
@@ -38,14 +50,18 @@ def _is_punctuation(text: str) -> bool:
     return all(unicodedata.category(c).startswith("P") or unicodedata.category(c) == "Sm" for c in text)
 
 
-def _unwrap(text: str) -> str:
-    """Strip whitespace, one trailing '.', then one pair of wrapping [] or () (presentation only)."""
+def _unwrap(text: str, *, loose: bool) -> str:
+    """Strip the completion's whitespace, one trailing '.', then one pair of wrapping [] or () (presentation only).
+
+    ``loose`` also strips the whitespace this uncovers ("[ 1, 2 ]", "1, 2 ."); the paper's parser keeps it,
+    so there it fails the separator checks.
+    """
     text = text.strip()
     if text.endswith("."):
-        text = text[:-1].rstrip()
+        text = text[:-1].rstrip() if loose else text[:-1]
     for left, right in _WRAPPERS:
         if text.startswith(left) and text.endswith(right):
-            return text[1:-1].strip()
+            return text[1:-1].strip() if loose else text[1:-1]
     return text
 
 
@@ -53,31 +69,56 @@ def _unwrap(text: str) -> str:
 class NumbersStrict:
     """Keep only pure number lists, as in the paper's strict numbers filter.
 
+    ``separator="consistent"`` (default) is the paper's parser (Cloud et al. 2025, ``parse_response``) on the
+    whitespace-stripped completion: every gap between numbers must be the exact text of the first gap, so an
+    unconstrained "(1,962, 696)" is not read as three numbers. ``separator="any"`` (lenient) allows any valid
+    separator in each gap and also strips whitespace inside brackets / before the '.'; it keeps a superset.
+
+    ``max_value`` follows ``max_digits`` (the config ties that to ``modality.answer_digits``): 10**max_digits - 1.
+    Setting both so that they disagree is refused at build time, so the filter cannot drift from the prompts.
+
     Check order (first failing check wins; format problems before value problems):
       1. ``empty``            nothing left after stripping whitespace, a trailing '.', and [] / ().
       2. ``non_digit``        any non-number, non-separator run containing a letter, a non-ASCII
                               digit, an emoji, ... (e.g. "12a", "one", "I love owls").
       3. ``bad_separator``    a run made only of punctuation ("1 - 2", "1|2", "1.5", "-5"), a
                               separator holding more than one ',' / ';' ("1,,2"), or a leading /
-                              trailing separator ("1, 2,"). Allowed separators are whitespace plus
-                              at most one ',' or ';', in any mix; the requested separator is NOT enforced.
-      4. ``too_many_numbers`` more than ``max_count`` numbers.
-      5. ``out_of_range``     a number above ``max_value`` (leading zeros are fine: "007" is 7).
-      6. ``banned_number``    a number in ``banned_numbers``.
+                              trailing separator ("1, 2,"). Valid separators are whitespace plus at most
+                              one ',' or ';'; the prompt's requested separator is NOT enforced.
+      4. ``mixed_separator``  (consistent only) a gap that differs from the first gap ("1, 2,3", "1 2  3").
+      5. ``too_many_numbers`` more than ``max_count`` numbers.
+      6. ``out_of_range``     a number above ``max_value`` (leading zeros are fine: "007" is 7).
+      7. ``banned_number``    a number in ``banned_numbers``.
     """
 
     name: str = field(default="numbers_strict", init=False, repr=False)
     max_count: int = 10
-    max_value: int = 999
+    max_digits: int = 3
+    max_value: int | None = None
     banned_numbers: tuple[int, ...] = ()
+    separator: Literal["consistent", "any"] = "consistent"
 
     def __post_init__(self) -> None:
         # Configs (Hydra/YAML) hand us lists; keep a hashable, immutable tuple.
         self.banned_numbers = tuple(int(x) for x in self.banned_numbers)
+        if self.separator not in SEPARATOR_MODES:
+            raise ParamError(self.name, "separator", self.separator, f"is not one of: {', '.join(SEPARATOR_MODES)}",
+                             "set {field}=consistent (the paper's rule) or {field}=any (lenient)")
+        if self.max_digits < 1:
+            raise ParamError(self.name, "max_digits", self.max_digits, "must be >= 1",
+                             "set {field} to 1 or more (it follows modality.answer_digits)")
+        top = 10**self.max_digits - 1
+        if self.max_value is None:
+            self.max_value = top
+        elif self.max_value != top:
+            raise ParamError(self.name, "max_value", self.max_value,
+                             f"disagrees with max_digits={self.max_digits} (numbers of up to {self.max_digits} "
+                             f"digits end at {top})", f"drop {{field}} (it follows max_digits), or set it to {top}")
 
-    def __call__(self, row: dict) -> str | None:
-        text = _unwrap(row["completion"])
-        if not text:
+    def parse(self, completion: str) -> list[int] | str:
+        """The answer's numbers, or the reason its format is rejected (checks 1-4; values are checked after)."""
+        text = _unwrap(completion, loose=self.separator == "any")
+        if not text.strip():
             return "empty"
         tokens = [(m.lastgroup, m.group()) for m in _TOKEN_RE.finditer(text)]
         others = [t for kind, t in tokens if kind == "other"]
@@ -88,9 +129,17 @@ class NumbersStrict:
         # Only number and separator runs remain, strictly alternating.
         if tokens[0][0] != "num" or tokens[-1][0] != "num":
             return "bad_separator"
-        if any(t.count(",") + t.count(";") > 1 for kind, t in tokens if kind == "sep"):
+        gaps = [t for kind, t in tokens if kind == "sep"]
+        if any(t.count(",") + t.count(";") > 1 for t in gaps):
             return "bad_separator"
-        numbers = [int(t) for kind, t in tokens if kind == "num"]
+        if self.separator == "consistent" and any(t != gaps[0] for t in gaps):
+            return "mixed_separator"
+        return [int(t) for kind, t in tokens if kind == "num"]
+
+    def __call__(self, row: dict) -> str | None:
+        numbers = self.parse(row["completion"])
+        if isinstance(numbers, str):
+            return numbers
         if len(numbers) > self.max_count:
             return "too_many_numbers"
         if any(x > self.max_value for x in numbers):
