@@ -92,7 +92,7 @@ BAD = [
     (["student=distill", "student.support=soft"], "student.support=soft is not one of: vocab, top_k, allowed", ""),
     (["student.precision=17"], "student.precision=17 is not one of: ", "pick one of these"),
     (["student.devices=0"], "student.devices=0 is neither a count >= 1 nor \"auto\"", "set student.devices=1"),
-    (["student.strategy=''"], "student.strategy=\"\" must not be empty", "give student.strategy a value"),
+    (["student.strategy=''"], 'student.strategy="" is not one of: auto, ddp, ddp_spawn', "pick one of these"),
     (["store.verify=yes"], "store.verify=yes is not true or false", "give store.verify true or false"),
     (["+store.verfy=true"], "store.verfy=true is not a known key", "did you mean store.verify?"),
     (["data.n_prompts=8.5"], "data.n_prompts=8.5 is not an integer", "give data.n_prompts an integer"),
