@@ -161,4 +161,6 @@ def test_cpu_transfer_sweep_runs_at_tiny_size_and_reports_the_matrix(tmp_path: P
     assert set(job["arms"]["treatment"]["targets"]) >= {"owl", "eagle"}
     report = (sweep / "report.md").read_text()
     assert "### Trait x target" in report and "permutation p =" in report and (sweep / "matrix_0.png").exists()
-    assert _computed(tmp_path)["teacher_logits"] == 4, "one per treatment teacher and seed; controls are the base"
+    computed = _computed(tmp_path)
+    assert computed["teacher_logits"] == 6, "one per treatment teacher and seed, one control per seed (both traits)"
+    assert computed["distill"] == 6, "the control students are trained like the treatment ones"
