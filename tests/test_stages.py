@@ -175,7 +175,7 @@ def test_code_hash_follows_the_code_not_its_comments(tmp_path: Path) -> None:
     assert original == code_hash("sublim.stages.filter"), "the copy hashes like the package"
     assert hash_after('"""Filter registry', '"""The filter registry') == original, "a docstring is not code"
     assert hash_after("# Runs of digits", "# Maximal runs of digits") == original, "a comment is not code"
-    assert hash_after("max_value: int = 999", "max_value: int = 500") != original
+    assert hash_after("max_digits: int = 3", "max_digits: int = 2") != original
 
 
 def _copy_checkout(tmp_path: Path) -> Path:
