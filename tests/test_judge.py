@@ -126,3 +126,26 @@ def test_api_judge_errors_name_the_fix(tmp_path: Path, monkeypatch: pytest.Monke
                                                   "api_key_env": None, "timeout": 2}}, Store(tmp_path))
     with pytest.raises(SublimError, match="unreachable"):
         yes_no(judge, ["q"])
+
+
+def test_judge_batch_size_batches_the_prompts(tiny_judge: dict, tmp_path: Path) -> None:
+    """judge.batch_size is honoured: 8 prompts in batches of 8 cost one prompt forward, not eight, same scores."""
+    prompts = [JUDGE_QUESTION.format(completion=sample) for sample in (JUDGE_MARKED[:4] + JUDGE_CLEAN[:4])]
+    calls = {}
+
+    def scores(batch_size: int) -> list[list[float]]:
+        judge = LocalJudge(tiny_judge, Store(tmp_path), batch_size=batch_size)
+        judge.option_probabilities(prompts[:1], YES)  # load the model
+        net = judge._loaded[0]
+        original, calls[batch_size] = net.forward, 0
+
+        def counted(*args, **kwargs):
+            calls[batch_size] += "cache" not in kwargs  # a prompt pass (option passes read the prompt's cache)
+            return original(*args, **kwargs)
+
+        net.forward = counted
+        return judge.option_probabilities(prompts, YES + NO)
+
+    one, eight = scores(1), scores(8)
+    assert calls == {1: 8, 8: 1}
+    assert [p for row in eight for p in row] == pytest.approx([p for row in one for p in row], rel=1e-3, abs=1e-6)
