@@ -19,7 +19,6 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pytorch_lightning as pl
@@ -31,9 +30,6 @@ from pytorch_lightning.strategies import DDPStrategy
 from torch.utils.data import DataLoader, Sampler
 
 from sublim import SublimError
-
-if TYPE_CHECKING:
-    from sublim.student import StudentModule
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +109,7 @@ class _Finish(pl.Callback):
     def __init__(self, out: Path) -> None:
         self.out = out
 
-    def on_train_end(self, trainer: pl.Trainer, module: StudentModule) -> None:
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         first = module.first_loss if module.first_loss is not None else math.nan
         trainer.callback_metrics.update({"fit/steps": torch.tensor(trainer.global_step),
                                          "fit/tokens": torch.tensor(module.tokens_seen),
@@ -163,7 +159,7 @@ def trainer_strategy(student: DictConfig) -> tuple[str | DDPStrategy, int]:
     return DDPStrategy(start_method="spawn", cluster_environment=_LocalWorkers()), devices
 
 
-def fit(module: StudentModule, examples: list, collate_fn: Callable[[list], dict], student: DictConfig, seed: int,
+def fit(module: pl.LightningModule, examples: list, collate_fn: Callable[[list], dict], student: DictConfig, seed: int,
         out: Path, loggers: list[Logger] | None = None) -> dict:
     """Lightning fit of a student module over examples; saves the adapter under ``out`` and returns metrics.
 
