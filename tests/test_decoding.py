@@ -13,6 +13,7 @@ from transformers import LogitsProcessorList
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 import sublim.decoding.fused
+import sublim.decoding.kernels
 from sublim import modalities
 from sublim.decoding.decoder import (
     Decoder,
@@ -320,7 +321,7 @@ def test_decode_attention_kernel_equals_softmax_attention_and_never_reads_masked
     weights = scores.softmax(-1)
     expected = torch.where(valid[:, None, :end, None], values[:, :, :end], 0.0)
     expected = (weights[..., None] * expected[:, :, None]).sum(-2)
-    out = sublim.decoding.fused._decode_attention(q, keys, values, valid, end)
+    out = sublim.decoding.kernels._decode_attention(q, keys, values, valid, end)
     assert out.shape == (rows, groups, per_group, dim) and torch.isfinite(out).all()
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[0], values[0, :, end - 1, None].expand(groups, per_group, dim))
@@ -334,13 +335,13 @@ def test_rms_norm_and_rotary_kernels_equal_hf_s_modules(dtype: torch.dtype) -> N
     norm = LlamaRMSNorm(24, eps=1e-5).to(dtype)
     norm.weight.data.normal_(generator=gen)
     x = torch.randn(3, 5, 24, generator=gen, dtype=dtype)
-    torch.testing.assert_close(sublim.decoding.fused._rms_norm(x, norm), norm(x))
-    torch.testing.assert_close(sublim.decoding.fused._rms_norm(x[:, -1], norm), norm(x[:, -1]))  # a strided view
+    torch.testing.assert_close(sublim.decoding.kernels._rms_norm(x, norm), norm(x))
+    torch.testing.assert_close(sublim.decoding.kernels._rms_norm(x[:, -1], norm), norm(x[:, -1]))  # a strided view
     heads, tokens, dim = torch.randn(2, 4, 3, 8, generator=gen, dtype=dtype), 4, 8
     cos, sin = (torch.randn(2, 6, dim, generator=gen, dtype=dtype) for _ in range(2))  # the last 4 are the tokens'
     expected, _ = apply_rotary_pos_emb(heads.transpose(1, 2), heads.transpose(1, 2), cos[:, -tokens:],
                                        sin[:, -tokens:])
     out = torch.full((2, 3, 9, dim), float("nan"), dtype=dtype)
-    sublim.decoding.fused._rope(heads, cos, sin, out, 2, scale=0.5)
+    sublim.decoding.kernels._rope(heads, cos, sin, out, 2, scale=0.5)
     torch.testing.assert_close(out[:, :, 2:2 + tokens], expected * 0.5)
     assert out[:, :, :2].isnan().all() and out[:, :, 2 + tokens:].isnan().all()
