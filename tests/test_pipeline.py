@@ -233,3 +233,12 @@ def test_a_job_over_seeds_tests_treatment_vs_control_across_seeds(make_cfg, tmp_
     assert "One seed" in format_table(single), "a one-seed table says its p-values describe two models"
     records = next((job / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()  # the offline run's log
     assert b"pooled/log_probability_ratio/p_value" in records and b"seed2/treatment/probability" in records
+
+
+def test_bf16_mixed_precision_runs_on_a_cpu(make_cfg, tmp_path: Path) -> None:
+    """base.precision=bf16-mixed on a CPU: autocast's bf16 matmuls never reach the fp32-only OpenBLAS prefill path
+    (on AMD CPUs a whole job died in the teacher's sampling)."""
+    small = [*TINY, "eval.n_questions=2", "eval.targets={}", "base.precision=bf16-mixed"]
+    results = run_job(make_cfg("base=tiny_llama", *small), tmp_path / "job")
+    assert all(math.isfinite(results["arms"][arm]["probability"]["mean"]) for arm in ("control", "treatment"))
+    assert results["arms"]["treatment"]["train"]["steps"] > 0

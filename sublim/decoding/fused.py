@@ -150,9 +150,11 @@ class FusedBatch:
         return keys.repeat(1, self.heads // self.kv_heads, 1)[:, None]
 
     def _linear(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """``module(x)``; a plain ``nn.Linear`` on enough rows in OpenBLAS where ``_run`` chose it."""
+        """``module(x)``; a plain fp32 ``nn.Linear`` on enough rows in OpenBLAS where ``_run`` chose it (never under
+        autocast, whose bf16/fp16 matmuls numpy cannot run)."""
         if (self.openblas and type(module) is torch.nn.Linear and x.numel() >= OPENBLAS_MIN_ROWS * x.shape[-1]
-                and not torch.is_grad_enabled()):
+                and not torch.is_grad_enabled() and _cpu_fp32(x) and _cpu_fp32(module.weight)
+                and not torch.is_autocast_enabled(x.device.type)):
             return _openblas_linear(x, module.weight, module.bias)
         return module(x)
 
