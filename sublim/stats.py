@@ -21,6 +21,7 @@ __all__ = [
     "DiagonalTest",
     "MeanCI",
     "PairedTest",
+    "bh_adjust",
     "bootstrap_ci",
     "diagonal_permutation_test",
     "format_p",
@@ -260,3 +261,23 @@ def diagonal_permutation_test(
         p_value = (count + 1) / (n_resamples + 1)
         n = n_resamples
     return DiagonalTest(observed, p_value, n, exhaustive)
+
+
+def bh_adjust(p_values: Sequence[float]) -> list[float]:
+    """Benjamini-Hochberg adjusted p-values, in the input's order: a sweep makes many comparisons at once.
+
+    Sorting p ascending, the i-th of m gets min over j >= i of p_(j) * m / j, capped at 1: a test is a
+    discovery at false discovery rate q when its adjusted p is <= q (valid for independent or positively
+    dependent tests). Empty input gives []; NaN or a p outside [0, 1] raises ValueError.
+    """
+    p = np.asarray(p_values, dtype=float).ravel()
+    if p.size == 0:
+        return []
+    if np.isnan(p).any() or (p < 0).any() or (p > 1).any():
+        raise ValueError(f"p-values must be in [0, 1] and not NaN, got {p.tolist()}")
+    m = p.size
+    order = np.argsort(p, kind="stable")
+    scaled = p[order] * m / np.arange(1, m + 1)
+    adjusted = np.empty(m)
+    adjusted[order] = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
+    return adjusted.tolist()
