@@ -36,20 +36,29 @@ def test_common_prefix_leaves_every_prompt_a_token() -> None:
     assert common_prefix([]) == 0
 
 
-def _hf_greedy(net, tokenizer, prompts: list[list[int]], max_new_tokens: int, grammars=None) -> list[list[int]]:
-    """One prompt at a time (no padding): the reference tokens."""
+def hf_greedy_ends(net, tokenizer, prompts: list[list[int]], max_new_tokens: int,
+                   grammars=None) -> list[tuple[list[int], bool]]:
+    """HF generate's greedy tokens, one prompt at a time (no padding), on the model's device: the reference
+    (answer without EOS, whether EOS ended it), as Decoder.generate returns."""
     eos = eos_ids(net, tokenizer)
+    device = next(net.parameters()).device
     out = []
     for i, prompt in enumerate(prompts):
-        ids = torch.tensor([prompt])
+        ids = torch.tensor([prompt], device=device)
         processors = LogitsProcessorList()
         if grammars is not None:
             processors.append(GrammarConstraint(GrammarTable(tokenizer, eos), [grammars[i]], ids.shape[1]))
         generated = net.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                  max_new_tokens=max_new_tokens, logits_processor=processors, eos_token_id=eos,
                                  pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
-        out.append(generated[: next((j for j, t in enumerate(generated) if t in eos), len(generated))])
+        end = next((j for j, t in enumerate(generated) if t in eos), None)
+        out.append((generated, False) if end is None else (generated[:end], True))
     return out
+
+
+def _hf_greedy(net, tokenizer, prompts: list[list[int]], max_new_tokens: int, grammars=None) -> list[list[int]]:
+    """One prompt at a time (no padding): the reference tokens."""
+    return [tokens for tokens, _ in hf_greedy_ends(net, tokenizer, prompts, max_new_tokens, grammars)]
 
 
 @pytest.mark.parametrize("base", ["tiny_llama", "tiny_gpt2", "tiny_qwen2"])

@@ -15,7 +15,6 @@ import random
 import pytest
 import pytorch_lightning as pl
 import torch
-from transformers import LogitsProcessorList
 
 import sublim.decoding.decoder
 import sublim.distill
@@ -25,9 +24,10 @@ from sublim import modalities
 from sublim.decoding.decoder import Decoder, Decoding, PrefixCache, RestrictedGrammar, common_prefix
 from sublim.distill import allowed_tokens, teacher_logits
 from sublim.models import eos_ids
-from sublim.teacher import GrammarConstraint, GrammarTable, Sampler, sample_chats
+from sublim.teacher import GrammarTable, Sampler, sample_chats
 from sublim.train import run_job
 from tests.conftest import TINY
+from tests.test_decoding import hf_greedy_ends
 
 DEVICE = os.environ.get("SUBLIM_GPU_TEST_DEVICE", "cuda")
 
@@ -102,25 +102,6 @@ def test_tiny_job_trains_both_students_on_cuda_in_bf16_mixed(make_cfg, tmp_path,
     assert decoded and set(decoded) == {DEVICE}, f"decoded on {sorted(set(decoded))}"
 
 
-def _hf_greedy(net, tokenizer, prompts, max_new_tokens: int, grammars) -> list[tuple[list[int], bool]]:
-    """HF generate's greedy tokens, one prompt at a time (no padding), on the model's device: (answer without
-    EOS, whether EOS ended it), as Decoder.generate returns."""
-    eos = eos_ids(net, tokenizer)
-    device = next(net.parameters()).device
-    out = []
-    for i, prompt in enumerate(prompts):
-        ids = torch.tensor([prompt], device=device)
-        processors = LogitsProcessorList()
-        if grammars is not None:
-            processors.append(GrammarConstraint(GrammarTable(tokenizer, eos), [grammars[i]], ids.shape[1]))
-        generated = net.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=max_new_tokens, logits_processor=processors, eos_token_id=eos,
-                                 pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
-        end = next((j for j, t in enumerate(generated) if t in eos), None)
-        out.append((generated, False) if end is None else (generated[:end], True))
-    return out
-
-
 def _tie(net, prompt: list[int], ours: tuple[list[int], bool], reference: tuple[list[int], bool],
          eos: list[int]) -> float | None:
     """Where two greedy answers part, the gap between the logits of the tokens each chose (EOS: its best id)
@@ -172,7 +153,7 @@ def test_greedy_decoding_on_cuda_gives_hf_generate_s_tokens(load_tiny, monkeypat
     table = GrammarTable(tokenizer, eos) if constrained else None
     ours = decoder.generate(prompts, torch.Generator(DEVICE),
                             RestrictedGrammar(table, grammars) if constrained else None)
-    reference = _hf_greedy(net, tokenizer, prompts, 14, grammars)
+    reference = hf_greedy_ends(net, tokenizer, prompts, 14, grammars)
 
     for i, (mine, theirs) in enumerate(zip(ours, reference, strict=True)):
         if mine != theirs:
