@@ -388,3 +388,13 @@ def test_local_checkpoints_are_keyed_by_content_hashed_once(tmp_path: Path, monk
     assert second["sha256"] != first["sha256"]
     assert len(json.loads((cache / ".hashes.json").read_text())) == 2, "the old weights' entry is replaced"
     assert _check_reference(base) == second  # without a cache dir it still works
+
+
+def test_an_event_after_a_cut_line_is_kept(tmp_path: Path) -> None:
+    """A job killed mid-append leaves a cut line in events.jsonl: the next job's records must stay readable."""
+    store = Store(tmp_path)
+    store.get_or_compute("sample", {"n": 24}, {}, _write_rows, code=CODE)
+    with open(tmp_path / "events.jsonl", "a") as handle:
+        handle.write('{"time": 1, "stage": "sam')
+    store.get_or_compute("sample", {"n": 24}, {}, _write_rows, code=CODE)
+    assert [e["event"] for e in store.events()] == ["computed", "reused"]

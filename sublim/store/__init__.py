@@ -285,9 +285,15 @@ class Store:
         """Append to events.jsonl: an audit trail of what each job computed or reused (best-effort)."""
         record = {"time": time.time(), "host": HOST, "pid": os.getpid(), "stage": stage, "key": key,
                   "event": event, "seconds": seconds}
+        line = (json.dumps(record) + "\n").encode()
         try:
-            with open(self.root / EVENTS, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            with open(self.root / EVENTS, "a+b") as handle:
+                end = handle.seek(0, os.SEEK_END)
+                if end:
+                    handle.seek(end - 1)
+                    if handle.read(1) != b"\n":  # a job killed mid-append left a cut line: do not glue onto it
+                        line = b"\n" + line
+                handle.write(line)  # append mode writes at the end wherever the handle was read
         except OSError as err:
             if not self._events_warned:
                 log.warning("cannot append to %s (%s); not recording store events", self.root / EVENTS, err)
