@@ -50,14 +50,6 @@ def model_upstream(config: Any, store: Store) -> dict[str, Artifact]:
     return {"judge_model": model_artifact(config["base"], store)}
 
 
-def identity(config: Any) -> dict:
-    """What makes two judges the same judge: the backend, and the base config or the endpoint/model."""
-    config = _plain(config)
-    if config["backend"] == "local":
-        return {"backend": "local", "base": config["base"]}
-    return {"backend": "api", "base_url": config["api"]["base_url"], "model": config["api"]["model"]}
-
-
 class LocalJudge:
     """A local HF model as judge; loaded on first use, so a judge that has nothing to judge costs nothing."""
 
