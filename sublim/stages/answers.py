@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from sublim.evaluate import sample_answers
+from sublim.evaluate import SAMPLING_FIELDS, sample_answers
 from sublim.stage import Inputs, declare
 from sublim.stages._load import load_model
 from sublim.store import write_jsonl
@@ -25,6 +25,5 @@ def compute(inputs: Inputs, out: Path) -> None:
                 sample_answers(net, tokenizer, cfg.eval, cfg.trait.category, cfg.seed, cfg.base.precision))
 
 
-ANSWERS = declare("answers", ("eval.n_questions", "eval.samples_per_question", "eval.temperature",
-                              "eval.max_new_tokens", "eval.batch_size", "trait.category", "seed", *STUDENT_MODEL),
+ANSWERS = declare("answers", (*(f"eval.{f}" for f in SAMPLING_FIELDS), "trait.category", "seed", *STUDENT_MODEL),
                   compute, upstream=("model", "adapter?"))
