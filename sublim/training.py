@@ -16,6 +16,7 @@ import logging
 import math
 import pickle
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +35,9 @@ from sublim import SublimError
 log = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
+# Like torchrun's --max-restarts: a spawned fit whose worker dies by a signal (a DDP worker aborted once at
+# start-up on a loaded 2-core host) is restarted from the start this many times before the stage fails.
+RESTARTS = 1
 
 
 class GlobalBatchSampler(Sampler[int]):
@@ -175,21 +179,31 @@ def fit(module: pl.LightningModule, examples: list, collate_fn: Callable[[list],
         except (pickle.PicklingError, AttributeError, TypeError) as err:
             raise TypeError(f"the collate function {collate_fn!r} cannot be sent to the spawned device workers "
                             f"({err}); pass a module-level function or a functools.partial of one") from None
-    trainer = pl.Trainer(
-        accelerator="auto", strategy=strategy, devices=devices, max_epochs=student.epochs,
-        precision=student.precision, accumulate_grad_batches=student.accumulate_grad_batches,
-        logger=[CSVLogger(out, name="log", version="")] + ([] if spawned else list(loggers or [])),
-        callbacks=[_Finish(out)], use_distributed_sampler=False,  # GlobalBatchSampler shards the data
-        log_every_n_steps=1, enable_checkpointing=False, enable_model_summary=False,
-    )
     start = time.time()
-    try:
-        trainer.fit(module, datamodule=StudentData(examples, collate_fn, student.batch_size, seed))
-    except torch.multiprocessing.ProcessRaisedException as err:  # a worker's SublimError, as a traceback text
-        raised = re.search(r"SublimError: (.*?)\s*\Z", str(err), re.S)
-        if raised:
-            raise SublimError(raised.group(1)) from None
-        raise
+    for attempt in range(1 + (RESTARTS if spawned else 0)):
+        if attempt:  # a used strategy carries the first trainer's devices: a fresh one for the restart
+            strategy, devices = trainer_strategy(student)
+        trainer = pl.Trainer(
+            accelerator="auto", strategy=strategy, devices=devices, max_epochs=student.epochs,
+            precision=student.precision, accumulate_grad_batches=student.accumulate_grad_batches,
+            logger=[CSVLogger(out, name="log", version="")] + ([] if spawned else list(loggers or [])),
+            callbacks=[_Finish(out)], use_distributed_sampler=False,  # GlobalBatchSampler shards the data
+            log_every_n_steps=1, enable_checkpointing=False, enable_model_summary=False,
+        )
+        try:
+            trainer.fit(module, datamodule=StudentData(examples, collate_fn, student.batch_size, seed))
+            break
+        except torch.multiprocessing.ProcessRaisedException as err:  # a worker's SublimError, as a traceback text
+            raised = re.search(r"SublimError: (.*?)\s*\Z", str(err), re.S)
+            if raised:
+                raise SublimError(raised.group(1)) from None
+            raise
+        except torch.multiprocessing.ProcessExitedException as err:  # a worker killed by a signal
+            if attempt == RESTARTS:
+                raise
+            # the parent's module is untouched (workers train copies), so the fit restarts from the same start
+            log.warning("a training worker died (%s); restarting the fit from the start", err)
+            shutil.rmtree(out / "log", ignore_errors=True)
     seconds = time.time() - start
     if spawned:
         _replay(out / "log" / "metrics.csv", loggers or [])

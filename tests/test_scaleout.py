@@ -6,6 +6,7 @@ workers (Lightning's own ``ddp`` would re-run the command line, i.e. the Hydra j
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -20,8 +21,8 @@ from safetensors.torch import load_file
 from sublim import SublimError
 from sublim.report import collect
 from sublim.store import Store
-from sublim.student import train_lora
-from sublim.training import ADAPTER_DIR, GlobalBatchSampler, trainer_strategy
+from sublim.student import StudentModule, add_lora, collate, tokenize_example, train_lora
+from sublim.training import ADAPTER_DIR, GlobalBatchSampler, fit, trainer_strategy
 from tests.conftest import CONF, TINY, compose_config
 
 ROOT = CONF.parent
@@ -125,6 +126,34 @@ def test_a_workers_loss_guard_stops_the_main_process_with_its_message(load_tiny,
     with pytest.raises(SublimError, match=r"^student loss became nan at step \d+: lower student.lr"):
         train_lora(net, tokenizer, ROWS, cfg.student, seed=0, out=tmp_path)
     assert not (tmp_path / ADAPTER_DIR).exists()
+
+
+class _AbortOnce(StudentModule):
+    """Rank 1 aborts at its first step unless ``marker`` exists (creating it first): a worker killed by a signal."""
+
+    def __init__(self, net: torch.nn.Module, marker: Path) -> None:
+        super().__init__(net, lr=2e-2, warmup_steps=2)
+        self.marker = marker
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.global_rank == 1 and not self.marker.exists():
+            self.marker.touch()
+            os.abort()
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_worker_killed_by_a_signal_restarts_the_fit_once(load_tiny, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg, net, tokenizer = load_tiny("tiny_llama", "student.epochs=1", "student.batch_size=4", "student.strategy=ddp",
+                                    "student.devices=2")
+    examples = [tokenize_example(tokenizer, r["prompt"], r["completion"], 500) for r in ROWS]
+    module = _AbortOnce(add_lora(net.train(), cfg.student), tmp_path / "aborted")
+    metrics = fit(module, examples, functools.partial(collate, pad_id=tokenizer.pad_token_id), cfg.student, 0,
+                  tmp_path / "out")
+    assert (tmp_path / "aborted").exists(), "the first attempt's worker was killed"
+    assert metrics["devices"] == 2 and metrics["steps"] == -(-len(ROWS) // 8) and metrics["tokens"] > 0
+    assert (tmp_path / "out" / ADAPTER_DIR / "adapter_model.safetensors").exists()
 
 
 def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
