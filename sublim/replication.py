@@ -14,38 +14,28 @@ check.
 
 from __future__ import annotations
 
-import itertools
 import math
-import statistics
 
 from scipy import stats
 
+from sublim.stats import mean_ci, paired_permutation_test
+
 T_TEST = "two-sided one-sample t-test of the per-seed effects against 0 (df = seeds - 1)"
-
-
-def sign_flip_p(effects: list[float]) -> float:
-    """Exact two-sided sign-flip p-value of the mean effect over all 2^n sign patterns."""
-    observed = abs(sum(effects))
-    patterns = list(itertools.product((1, -1), repeat=len(effects)))
-    extreme = sum(abs(sum(s * e for s, e in zip(signs, effects, strict=True))) >= observed - 1e-12
-                  for signs in patterns)
-    return extreme / len(patterns)
+EXACT_SEEDS = 16  # up to 2^16 sign patterns are enumerated exactly
 
 
 def seed_test(effects: list[float], level: float = 0.95) -> dict:
-    """The pooled across-seed test of one metric's per-seed effects."""
-    n, mean = len(effects), statistics.fmean(effects)
-    out = {"effects": effects, "n_seeds": n, "mean": mean, "low": None, "high": None, "p_value": None,
-           "p_sign_flip": sign_flip_p(effects) if n <= 16 else None, "test": T_TEST, "unit": "seed"}
+    """The pooled across-seed test of one metric's per-seed effects (the t CI is ``mean_ci``'s, the exact
+    sign-flip p ``paired_permutation_test``'s against zero effects)."""
+    n, ci = len(effects), mean_ci(effects, level)
+    flip = paired_permutation_test(effects, [0.0] * n, n_resamples=2**n).p_value if n <= EXACT_SEEDS else None
+    out = {"effects": effects, "n_seeds": n, "mean": ci.mean, "low": None, "high": None, "p_value": None,
+           "p_sign_flip": flip, "test": T_TEST, "unit": "seed"}
     if n < 2:
         return out
-    se = statistics.stdev(effects) / math.sqrt(n)
-    half = stats.t.ppf(0.5 + level / 2, n - 1) * se
-    if se == 0:
-        p = 1.0 if mean == 0 else 0.0
-    else:
-        p = float(2 * stats.t.sf(abs(mean / se), n - 1))
-    return out | {"low": mean - half, "high": mean + half, "p_value": p}
+    se = stats.tstd(effects) / math.sqrt(n)
+    p = float(2 * stats.t.sf(abs(ci.mean / se), n - 1)) if se else (1.0 if ci.mean == 0 else 0.0)
+    return out | {"low": ci.low, "high": ci.high, "p_value": p}
 
 
 def pooled(per_seed_effects: list[dict[str, float]]) -> dict[str, dict]:

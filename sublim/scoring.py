@@ -109,4 +109,4 @@ def option_logprobs(net: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, pr
     module = OptionScorer(net, tokenizer.pad_token_id, boundary_tokens(tokenizer, vocab), forms)
     per_form = torch.tensor(predict(module, chat_prompts(tokenizer, prompts), batch_size, precision))
     index = torch.tensor(owner)
-    return [[float(per_form[q, index == i].logsumexp(0)) for i in range(len(options))] for q in range(len(prompts))]
+    return torch.stack([per_form[:, index == i].logsumexp(1) for i in range(len(options))], 1).tolist()
