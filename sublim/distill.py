@@ -28,6 +28,7 @@ from pytorch_lightning.loggers import Logger
 from transformers import PreTrainedTokenizerBase
 
 from sublim import SublimError, modalities, models
+from sublim.forcing import AnswerForward, forced
 from sublim.store import content_hash
 from sublim.student import (
     IGNORE,
@@ -39,7 +40,7 @@ from sublim.student import (
     student_messages,
     tokenize_example,
 )
-from sublim.teacher import GrammarTable, predict
+from sublim.teacher import GrammarTable
 from sublim.training import fit
 
 log = logging.getLogger(__name__)
@@ -68,35 +69,20 @@ def distill_examples(tokenizer: PreTrainedTokenizerBase, rows: list[dict], syste
     return examples, teacher_ids
 
 
-class TeacherLogits(pl.LightningModule):
+class TeacherLogits(AnswerForward):
     """Top-k log-probabilities at the answer positions of (teacher prompt + answer) sequences."""
 
     def __init__(self, net: torch.nn.Module, pad_id: int, top_k: int) -> None:
-        super().__init__()
-        self.net = net
-        self.pad_id = pad_id
+        super().__init__(net, pad_id)
         self.top_k = top_k
 
-    def predict_step(self, batch: list[dict], batch_idx: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        width = max(len(r["ids"]) for r in batch)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long, device=self.device)
-        mask = torch.zeros_like(ids)
-        for i, row in enumerate(batch):
-            ids[i, : len(row["ids"])] = torch.tensor(row["ids"], device=self.device)
-            mask[i, : len(row["ids"])] = 1
-        first = min(len(r["ids"]) - r["n_answer"] for r in batch) - 1  # position predicting the first answer token
-        keep = torch.arange(first, width - 1, device=self.device)
-        logits = self.net(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits.float()
-        out = []
-        for i, row in enumerate(batch):
-            start = len(row["ids"]) - row["n_answer"] - 1 - first
-            logprobs = logits[i, start: start + row["n_answer"]].log_softmax(-1)
-            if row["allowed"] is not None:  # restrict to the modality's tokens before taking the top k
-                allowed = torch.tensor(row["allowed"], device=self.device)
-                logprobs = torch.full_like(logprobs, float("-inf")).index_copy(1, allowed, logprobs[:, allowed])
-            values, indices = logprobs.topk(min(self.top_k, logprobs.shape[-1]), dim=-1)
-            out.append((values.cpu(), indices.to(torch.int32).cpu()))
-        return out
+    def reduce(self, logits: torch.Tensor, row: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        logprobs = logits.log_softmax(-1)
+        if row["allowed"] is not None:  # restrict to the modality's tokens before taking the top k
+            allowed = torch.tensor(row["allowed"], device=self.device)
+            logprobs = torch.full_like(logprobs, float("-inf")).index_copy(1, allowed, logprobs[:, allowed])
+        values, indices = logprobs.topk(min(self.top_k, logprobs.shape[-1]), dim=-1)
+        return values.cpu(), indices.to(torch.int32).cpu()
 
 
 def teacher_logits(net: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict], system: str | None,
@@ -104,13 +90,9 @@ def teacher_logits(net: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, row
                    precision: str = "32-true") -> dict[str, torch.Tensor]:
     """values/indices [positions, k] over every row's answer positions (rows in order), and lengths [rows]."""
     examples, ids = distill_examples(tokenizer, rows, system, max_length)
-    items = [{"ids": seq, "n_answer": sum(t != IGNORE for t in e["labels"]), "allowed": allowed[i] if allowed else None,
-              "_index": i} for i, (e, seq) in enumerate(zip(examples, ids, strict=True))]
-    order = sorted(items, key=lambda r: -len(r["ids"]))  # similar lengths per batch
-    done = predict(TeacherLogits(net, tokenizer.pad_token_id, top_k), order, batch_size, precision)
-    by_row = [None] * len(rows)
-    for item, result in zip(order, done, strict=True):
-        by_row[item["_index"]] = result
+    items = [{"ids": seq, "n_answer": sum(t != IGNORE for t in e["labels"]), "allowed": allowed[i] if allowed else None}
+             for i, (e, seq) in enumerate(zip(examples, ids, strict=True))]
+    by_row = forced(TeacherLogits(net, tokenizer.pad_token_id, top_k), items, batch_size, precision)
     return {"values": torch.cat([v for v, _ in by_row]), "indices": torch.cat([i for _, i in by_row]),
             "lengths": torch.tensor([len(v) for v, _ in by_row], dtype=torch.long)}
 

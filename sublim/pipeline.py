@@ -21,6 +21,7 @@ from sublim.filters import FilterReport
 from sublim.judge import model_upstream
 from sublim.results import format_table, replicate, summarise, track, write_results
 from sublim.stage import Job, plain
+from sublim.stages.audit import AUDIT
 from sublim.stages.filter import FILTER
 from sublim.stages.finetune import finetune_adapter
 from sublim.stages.model import model_artifact
@@ -126,6 +127,12 @@ def run_seed(cfg: DictConfig, tracker: Tracker | None, prefix: str) -> dict:
         filtered = FILTER(job, label=arm, samples=samples, **judges)
         stages |= {f"sample/{arm}": samples, f"filter/{arm}": filtered}
         arms[arm] = Arm(arm, teacher, adapters[arm], system, filtered)
+    audits = {}
+    if cfg.audit.enabled:  # both arms' data scored under the treatment teacher against the plain base
+        for arm in ARMS:
+            audits[arm] = stages[f"audit/{arm}"] = AUDIT(
+                job, {"system_prompt": teacher_system_prompt(cfg.trait, "treatment")}, label=arm, model=teacher,
+                data=arms[arm].data, adapter=adapters["treatment"])
     reports = {arm: arms[arm].data.read_json("report.json") for arm in ARMS}
     for arm, report in reports.items():
         log.info("filter %s arm: %s", arm, FilterReport(report["total"], report["kept"], report["rejected"]).summary())
@@ -141,5 +148,6 @@ def run_seed(cfg: DictConfig, tracker: Tracker | None, prefix: str) -> dict:
     outputs = EVALS[cfg.eval.kind].stages(job, model, students)
     stages |= {f"{art.stage}/{arm}": art for slot in outputs.values() for arm, art in slot.items()}
     results = summarise(job, n_train, reports, students, outputs)
+    results["audit"] = {arm: art.read_json("summary.json") for arm, art in audits.items()}
     results["stages"] = {name: {"key": art.key, "reused": art.reused} for name, art in stages.items()}
     return results

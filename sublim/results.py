@@ -81,12 +81,34 @@ def write_results(job_dir: Path, results: dict) -> None:
                                  test["p_sign_flip"], " ".join(f"{e:.6g}" for e in test["effects"])])
 
 
+def format_audit(results: dict) -> str:
+    """The audit's lines: each arm's data LLS under the treatment teacher vs the base, and the entangled numbers."""
+    audit = results.get("audit") or {}
+    if not audit:
+        return ""
+    kind = "grammar-renormalised" if next(iter(audit.values()))["constrained"] else "full softmax"
+    lines = [f"audit: LLS of the data, log p(trait teacher) - log p(base) per answer token ({kind}; mean "
+             "[95% bootstrap CI over examples]):"]
+    for arm, summary in audit.items():
+        lls, plain = summary["lls"], summary["lls_plain"]
+        lines.append(f"  {arm + ' data':<15} {lls['mean']:+.4f} [{lls['ci'][0]:+.4f}, {lls['ci'][1]:+.4f}]  "
+                     f"full softmax {plain['mean']:+.4f}  divergent tokens {summary['divergence_fraction']:.1%}")
+    if "treatment" in audit and (numbers := audit["treatment"]["entangled"]["numbers"][:5]):
+        lines.append("  numbers the trait raises most in the treatment data: "
+                     + ", ".join(f"{n['number']} ({n['shift']:+.2f}, n={n['count']})" for n in numbers))
+    return "\n".join(lines)
+
+
+def _with_audit(table: str, results: dict) -> str:
+    return f"{table}\n{audit}" if (audit := format_audit(results)) else table
+
+
 def format_table(results: dict) -> str:
-    """The end-of-run table of the job's eval kind: per seed, then the across-seed test."""
+    """The end-of-run table of the job's eval kind and the audit: per seed, then the across-seed test."""
     kind = EVALS[results["eval"]]
     if "pooled" not in results:
-        return f"{kind.format_table(results)}\n\n{ONE_SEED}"
-    blocks = [f"seed {r['seed']}\n{kind.format_table(r)}" for r in results["seeds"]]
+        return f"{_with_audit(kind.format_table(results), results)}\n\n{ONE_SEED}"
+    blocks = [f"seed {r['seed']}\n{_with_audit(kind.format_table(r), r)}" for r in results["seeds"]]
     lines = [f"treatment vs control across {len(results['seeds'])} seeds (the unit of replication; "
              "per-seed effects, mean [95% t CI], t-test p, exact sign-flip p):"]
     for metric, test in results["pooled"].items():
@@ -108,6 +130,9 @@ def track(tracker: Tracker, results: dict, store: Store) -> None:
             flat[f"{prefix}{arm}/n_train"] = values["n_train"]
         for metric, test in seed_results["treatment_vs_control"].items():
             flat |= {f"{prefix}delta/{metric}": test["delta"], f"{prefix}p_value/{metric}": test["p_value"]}
+        for arm, audit in seed_results.get("audit", {}).items():
+            flat |= {f"{prefix}audit/{arm}/lls": audit["lls"]["mean"], f"{prefix}audit/{arm}/lls_plain":
+                     audit["lls_plain"]["mean"], f"{prefix}audit/{arm}/divergence": audit["divergence_fraction"]}
     for metric, test in results.get("pooled", {}).items():
         flat |= {f"pooled/{metric}/{field}": test[field] for field in ("mean", "low", "high", "p_value", "n_seeds")}
     tracker.log(flat)

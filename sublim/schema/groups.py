@@ -174,6 +174,10 @@ Accuracy = _group("Accuracy", kind=Literal["accuracy"], batch_size=Count, n_perm
 Logger = _kinds("name", none=_group("NoLogger", name=Literal["none"]), wandb=_group(
     "Wandb", name=Literal["wandb"], project=Word, entity=str | None, group=str | None, tags=list[str],
     mode=Literal["online", "offline", "disabled", "dryrun", "run", "shared"], n_table_rows=NonNegative))
+Prompting = _group("Prompting", enabled=bool, top_k=Count, controls=NonNegative, max_number=Count, n_questions=Count)
+Audit = _group("Audit", enabled=bool, batch_size=Count, max_length=Count, bootstrap=Count, top_entangled=Count,
+               min_count=Count, dataset=str | None, split=str, prompt_field=Word, completion_field=Word,
+               adapter=str | None, panel=bool, prompting=Prompting)
 LlmData = _group("LlmData", n_prompts=Count, n_train=Count)
 LlmEval = _kinds("kind", preference=Preference, misalignment=Misalignment)
 LlmStudent = _kinds("kind", lora=Lora, distill=Distill)
@@ -209,6 +213,7 @@ class SubliminalConfig(Common):
     modality: Modality
     student: LlmStudent
     judge: Judge
+    audit: Audit
 
     @model_validator(mode="before")
     @classmethod
