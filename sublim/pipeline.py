@@ -21,7 +21,7 @@ from sublim.filters import FilterReport
 from sublim.judge import model_upstream
 from sublim.results import format_table, replicate, summarise, track, write_results
 from sublim.stage import Job, plain
-from sublim.stages.audit import AUDIT
+from sublim.stages.audit import audit_data
 from sublim.stages.filter import FILTER
 from sublim.stages.finetune import finetune_adapter
 from sublim.stages.model import model_artifact
@@ -130,9 +130,9 @@ def run_seed(cfg: DictConfig, tracker: Tracker | None, prefix: str) -> dict:
     audits = {}
     if cfg.audit.enabled:  # both arms' data scored under the treatment teacher against the plain base
         for arm in ARMS:
-            audits[arm] = stages[f"audit/{arm}"] = AUDIT(
-                job, {"system_prompt": teacher_system_prompt(cfg.trait, "treatment")}, label=arm, model=teacher,
-                data=arms[arm].data, adapter=adapters["treatment"])
+            audits[arm] = stages[f"audit/{arm}"] = audit_data(
+                job, arms[arm].data, teacher, teacher_system_prompt(cfg.trait, "treatment"), adapters["treatment"],
+                label=arm)
     reports = {arm: arms[arm].data.read_json("report.json") for arm in ARMS}
     for arm, report in reports.items():
         log.info("filter %s arm: %s", arm, FilterReport(report["total"], report["kept"], report["rejected"]).summary())

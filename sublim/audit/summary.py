@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -56,7 +56,7 @@ def _ci(values: Sequence[float], n_resamples: int) -> dict:
     return {"mean": ci.mean, "ci": [ci.low, ci.high], "n": ci.n}
 
 
-def entangled(teacher: Scores, shift: torch.Tensor, texts: Sequence[str], top: int, min_count: int) -> dict:
+def entangled(teacher: Scores, shift: torch.Tensor, texts: Mapping[int, str], top: int, min_count: int) -> dict:
     """The numbers (runs of digit tokens) and tokens whose log-prob the trait raises most, over their occurrences."""
     numbers: dict[str, list[float]] = defaultdict(list)
     tokens: dict[int, list[float]] = defaultdict(list)
@@ -81,7 +81,7 @@ def entangled(teacher: Scores, shift: torch.Tensor, texts: Sequence[str], top: i
     return {"numbers": ranked(numbers, "number", str), "tokens": ranked(tokens, "token", lambda t: texts[t])}
 
 
-def summarise(teacher: Scores, reference: Scores, rows: list[dict], texts: Sequence[str], n_resamples: int,
+def summarise(teacher: Scores, reference: Scores, rows: list[dict], texts: Mapping[int, str], n_resamples: int,
               top: int, min_count: int) -> dict:
     """The dataset's audit: mean LLS (renormalised and plain) with bootstrap CIs, divergence, entanglement."""
     shift, _ = shifts(teacher, reference)
