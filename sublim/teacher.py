@@ -155,8 +155,8 @@ class Sampler(pl.LightningModule):
         answers = self.decoder.generate([r["prompt_ids"] for r in batch], generator, grammar)
         return [{**{k: v for k, v in row.items() if k != "prompt_ids"},
                  "completion": self.tokenizer.decode(answer, skip_special_tokens=True),
-                 "n_tokens": len(answer), "finished": ended}
-                for row, (answer, ended) in zip(batch, answers, strict=True)]
+                 "n_tokens": len(answer), "finished": ended, "answer_ids": answer + [stop] * ended}
+                for row, (answer, ended), stop in zip(batch, answers, self.decoder.stops, strict=True)]
 
 
 def predict(module: pl.LightningModule, rows: list[dict], batch_size: int, precision: str = "32-true") -> list:

@@ -39,12 +39,18 @@ def answer_rows(tokenizer: PreTrainedTokenizerBase, rows: list[dict], system: st
                 max_length: int) -> list[dict]:
     """Prompt + answer ids per row, the answer cut after its first end-of-turn token (what sampling emits).
 
-    A sample cut by ``max_new_tokens`` (``finished: false``) never emitted its end: the template's is not scored.
+    Samples carry the ids the teacher emitted (``answer_ids``): those are scored, since the text re-tokenised
+    may be other tokens (BPE merges, dropped specials) that the teacher never drew. Rows without them (a
+    dataset sublim did not make, or an answer the modality's parser cut, which keeps its ``raw`` text) are
+    tokenised as the student reads them. A sample cut by ``max_new_tokens`` (``finished: false``) never
+    emitted its end: the template's is not scored.
     """
     out, ends = [], set(eos)
     for row in rows:
         messages = ([{"role": "system", "content": system}] if system else []) + student_messages(row["prompt"])
         prompt, answer = chat_ids(tokenizer, messages, row["completion"])
+        if "answer_ids" in row and "raw" not in row:
+            answer = list(row["answer_ids"])
         end = next((i + (row.get("finished") is not False) for i, token in enumerate(answer) if token in ends),
                    len(answer))
         ids = (prompt + answer[:end])[:max_length]

@@ -212,6 +212,7 @@ class Decoder:
         self.fused = fused and supported(net)
         self.head = net.get_output_embeddings()
         self.softcap = getattr(net.config, "final_logit_softcapping", None)
+        self.stops: list[int | None] = []  # of the last generate call
 
     def prefill_order(self, prompts: list[list[int]]) -> list[int]:
         """Prompts by how many tokens are left to prefill after the prefix and shared openings, most first:
@@ -260,7 +261,8 @@ class Decoder:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], generator: torch.Generator,
                  grammar: RestrictedGrammar | None = None) -> list[tuple[list[int], bool]]:
-        """(answer tokens without EOS, whether EOS ended it) per prompt, in input order."""
+        """(answer tokens without EOS, whether EOS ended it) per prompt, in input order; ``self.stops`` keeps which
+        EOS token ended each answer (None: cut by max_new_tokens), so the tokens a model emitted can be scored."""
         device = self.head.weight.device
         active = self.prefill_order(prompts)  # batch row -> prompt index
         batch = self.start([prompts[i] for i in active])
@@ -268,6 +270,7 @@ class Decoder:
         n = len(prompts)
         answers: list[list[int]] = [[] for _ in range(n)]
         ended = [False] * n
+        self.stops = [None] * n
         done: set[int] = set()
         for step in range(self.decoding.max_new_tokens):
             logits = self.logits(batch, vocab)
@@ -279,7 +282,7 @@ class Decoder:
                 if row in done:
                     continue
                 if token in self.eos:
-                    ended[row] = True
+                    ended[row], self.stops[row] = True, token
                     done.add(row)
                 else:
                     answers[row].append(token)

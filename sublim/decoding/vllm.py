@@ -59,4 +59,5 @@ def sample(location: str, revision: str | None, tokenizer: PreTrainedTokenizerBa
     ) for i, row in enumerate(rows)]
     outputs = llm.generate(prompts, params)
     return [{**row, "completion": out.outputs[0].text.strip(), "n_tokens": len(out.outputs[0].token_ids),
+             "answer_ids": list(out.outputs[0].token_ids),
              "finished": out.outputs[0].finish_reason == "stop"} for row, out in zip(rows, outputs, strict=True)]
