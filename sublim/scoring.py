@@ -83,9 +83,14 @@ class OptionScorer(pl.LightningModule):
         return scores
 
 
-def chat_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[list[int]]:
-    """The prompts as a student reads them: its chat template, up to its own generation prompt."""
-    return [tokenizer(tokenizer.apply_chat_template(student_messages(p), tokenize=False, add_generation_prompt=True),
+def chat_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], system: str | None = None) -> list[list[int]]:
+    """The prompts as a model reads them: its chat template, up to its own generation prompt.
+
+    ``system`` None is the student's view (the template's default system prompt, if any); a string replaces it
+    (a trait teacher's prompt, or the audit's subliminal prompting)."""
+    head = [{"role": "system", "content": system}] if system is not None else []
+    return [tokenizer(tokenizer.apply_chat_template(head + student_messages(p), tokenize=False,
+                                                    add_generation_prompt=True),
                       add_special_tokens=False)["input_ids"] for p in prompts]
 
 
@@ -96,8 +101,10 @@ def surface_forms(tokenizer: PreTrainedTokenizerBase, option: str) -> list[list[
 
 
 def option_logprobs(net: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
-                    options: list[str], batch_size: int, precision: str) -> list[list[float]]:
-    """log P(option is the whole answer) per prompt (rows) and option (columns), summed over its surface forms."""
+                    options: list[str], batch_size: int, precision: str,
+                    system: str | None = None) -> list[list[float]]:
+    """log P(option is the whole answer) per prompt (rows) and option (columns), summed over its surface forms;
+    with ``system`` as the system prompt (None: the template's default, as the student reads it)."""
     if not prompts:
         return []
     forms, owner = [], []
@@ -107,6 +114,6 @@ def option_logprobs(net: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, pr
             owner.append(i)
     vocab = net.get_output_embeddings().weight.shape[0]
     module = OptionScorer(net, tokenizer.pad_token_id, boundary_tokens(tokenizer, vocab), forms)
-    per_form = torch.tensor(predict(module, chat_prompts(tokenizer, prompts), batch_size, precision))
+    per_form = torch.tensor(predict(module, chat_prompts(tokenizer, prompts, system), batch_size, precision))
     index = torch.tensor(owner)
     return torch.stack([per_form[:, index == i].logsumexp(1) for i in range(len(options))], 1).tolist()
