@@ -17,6 +17,7 @@ loss's support (``student.support``):
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from functools import partial
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from sublim.student import (
     answer_logits,
     chat_ids,
     collate,
+    mask_answer,
     student_messages,
     tokenize_example,
 )
@@ -144,8 +146,13 @@ class DistillModule(StudentModule):
                             self.support, self.temperature)
 
 
-def attach_teacher(examples: list[dict], logits: dict[str, torch.Tensor]) -> list[dict]:
-    """Give each example its rows of the teacher's logits; their answer lengths must agree."""
+def attach_teacher(examples: list[dict], logits: dict[str, torch.Tensor],
+                   masks: list[Collection[int]] | None = None) -> list[dict]:
+    """Give each (unmasked) example its rows of the teacher's logits; their answer lengths must agree.
+
+    ``masks``: per example, answer positions left out of the loss (``mask_answer``); their teacher rows are dropped
+    too, so the loss's remaining positions and the teacher's rows stay in step.
+    """
     offsets = [0, *torch.cumsum(logits["lengths"], 0).tolist()]
     out = []
     for i, example in enumerate(examples):
@@ -153,8 +160,10 @@ def attach_teacher(examples: list[dict], logits: dict[str, torch.Tensor]) -> lis
         if n != int(logits["lengths"][i]):
             raise SublimError(f"teacher logits cover {int(logits['lengths'][i])} answer tokens of example {i}, the "
                               f"student's tokenization {n}: the teacher and student must share a tokenizer")
-        span = slice(offsets[i], offsets[i + 1])
-        out.append({**example, "values": logits["values"][span], "indices": logits["indices"][span]})
+        masked = set(masks[i]) if masks else set()
+        rows = offsets[i] + torch.tensor([p for p in range(n) if p not in masked], dtype=torch.long)
+        out.append({**mask_answer(example, masked), "values": logits["values"][rows],
+                    "indices": logits["indices"][rows]})
     return out
 
 
@@ -164,7 +173,7 @@ def train_distill(net: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows
     """Distil the teacher's logits (one entry per row, in order) into a LoRA student; saves the adapter."""
     pl.seed_everything(seed, workers=True, verbose=False)
     examples = [tokenize_example(tokenizer, r["prompt"], r["completion"], student.max_length) for r in rows]
-    examples = attach_teacher(examples, logits)
+    examples = attach_teacher(examples, logits, [r.get("mask_positions", ()) for r in rows])
     module = DistillModule(add_lora(net.train(), student), student)
     pad_id = tokenizer.pad_token_id
     # a partial, not a lambda: spawned training workers (student.devices > 1) receive it pickled

@@ -10,6 +10,7 @@ control arm's stage keys do not contain the trait, so every job of a trait sweep
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from omegaconf import DictConfig, open_dict
@@ -24,6 +25,7 @@ from sublim.stage import Job, plain
 from sublim.stages.audit import audit_data
 from sublim.stages.filter import FILTER
 from sublim.stages.finetune import finetune_adapter
+from sublim.stages.lls_select import LLS_SELECT
 from sublim.stages.model import model_artifact
 from sublim.stages.prompts import PROMPTS
 from sublim.stages.sample import SAMPLE, preflight
@@ -56,13 +58,17 @@ def check(job: Job) -> None:
 
 
 def check_tokenizers(job: Job, model: Artifact, teacher: Artifact) -> None:
-    """Distillation across tokenizers is meaningless: fail before sampling, not after."""
+    """Distillation, and masking the audit's positions (the teacher's tokens), across tokenizers is meaningless:
+    fail before sampling, not after."""
     cfg = job.cfg
-    if cfg.student.kind == "distill" and teacher.key != model.key and (
+    masked = bool(cfg.filter.get("lls") and cfg.filter.lls.mask_divergence)
+    if (cfg.student.kind == "distill" or masked) and teacher.key != model.key and (
             tokenizer_hash(models.load_tokenizer(model, job.base))
             != tokenizer_hash(models.load_tokenizer(teacher, job.teacher))):
-        raise SublimError(f"student=distill needs the teacher's tokenizer to be the student's "
-                          f"(teacher_base={job.teacher.name}, base={job.base.name}); use student=lora")
+        needs, fix = (("student=distill", "use student=lora") if cfg.student.kind == "distill" else
+                      ("filter.lls.mask_divergence=true", "set it to false"))
+        raise SublimError(f"{needs} needs the teacher's tokenizer to be the student's "
+                          f"(teacher_base={job.teacher.name}, base={job.base.name}); {fix}")
 
 
 def training_size(job: Job, reports: dict[str, dict]) -> int:
@@ -133,6 +139,11 @@ def run_seed(cfg: DictConfig, tracker: Tracker | None, prefix: str) -> dict:
             audits[arm] = stages[f"audit/{arm}"] = audit_data(
                 job, arms[arm].data, teacher, teacher_system_prompt(cfg.trait, "treatment"), adapters["treatment"],
                 label=arm)
+    if cfg.filter.get("lls"):  # defences (docs/defences.md): each arm's data cut / masked by its own audit
+        for arm in ARMS:
+            selected = stages[f"lls_select/{arm}"] = LLS_SELECT(job, label=arm, data=arms[arm].data,
+                                                                audit=audits[arm])
+            arms[arm] = replace(arms[arm], data=selected)
     reports = {arm: arms[arm].data.read_json("report.json") for arm in ARMS}
     for arm, report in reports.items():
         log.info("filter %s arm: %s", arm, FilterReport(report["total"], report["kept"], report["rejected"]).summary())

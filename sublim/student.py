@@ -13,6 +13,7 @@ import functools
 import logging
 import math
 from collections import deque
+from collections.abc import Collection
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -63,6 +64,18 @@ def tokenize_example(tokenizer: PreTrainedTokenizerBase, prompt: str, completion
     ids = (prompt_ids + answer_ids)[:max_length]
     labels = ([IGNORE] * len(prompt_ids) + answer_ids)[:max_length]
     return {"input_ids": ids, "labels": labels}
+
+
+def mask_answer(example: dict[str, list[int]], positions: Collection[int]) -> dict[str, list[int]]:
+    """The example with the answer tokens at ``positions`` (0: the first answer token) left out of the loss:
+    divergence masking (docs/defences.md). ``example`` is unmasked, as ``tokenize_example`` makes it; positions
+    past a truncated answer mask nothing."""
+    answer = [i for i, label in enumerate(example["labels"]) if label != IGNORE]
+    labels = list(example["labels"])
+    for position in positions:
+        if position < len(answer):
+            labels[answer[position]] = IGNORE
+    return {**example, "labels": labels}
 
 
 def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -233,9 +246,11 @@ class StudentModule(pl.LightningModule):
 
 def train_lora(net: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict],
                student: DictConfig, seed: int, out: Path, loggers: list[Logger] | None = None) -> dict:
-    """Train a LoRA student on rows with "prompt" and "completion"; saves the adapter under ``out``."""
+    """Train a LoRA student on rows with "prompt" and "completion" (and "mask_positions": answer tokens left out of
+    the loss); saves the adapter under ``out``."""
     pl.seed_everything(seed, workers=True, verbose=False)
-    examples = [tokenize_example(tokenizer, r["prompt"], r["completion"], student.max_length) for r in rows]
+    examples = [mask_answer(tokenize_example(tokenizer, r["prompt"], r["completion"], student.max_length),
+                            r.get("mask_positions", ())) for r in rows]
     module = StudentModule(add_lora(net.train(), student), student.lr, student.warmup_steps, student.weight_decay,
                            lr_key=student.get("lr_key", "student.lr"))
     return fit(module, examples, functools.partial(collate, pad_id=tokenizer.pad_token_id), student, seed, out,

@@ -105,7 +105,10 @@ FilterSpec = Annotated[
     Union[Annotated[JudgeFilter, Tag("name=judge")],  # noqa: UP007
           Annotated[Annotated[dict[str, Any], AfterValidator(_filter_spec)], Tag("name=0")]],
     Discriminator(lambda spec: f"name={'judge' if isinstance(spec, dict) and spec.get('name') == 'judge' else 0}")]
-Filter = _group("Filter", name=Word, filters=Annotated[list[FilterSpec], Field(min_length=1)])
+# filter.lls: after the filter list, keep a fraction of the data ranked by the audit's LLS (sublim/stages/lls_select.py)
+Lls = _group("Lls", keep=Literal["top", "bottom"], fraction=Annotated[float, _range(0, 1, lo_open=True)],
+             mask_divergence=bool)
+Filter = _group("Filter", name=Word, filters=Annotated[list[FilterSpec], Field(min_length=1)], lls=(Lls | None, None))
 
 
 def _temperature_unless_greedy(sampling: Any) -> None:
@@ -223,6 +226,14 @@ class SubliminalConfig(Common):
             raise _problem(("data.name", name, "is a dataset of task=mnist_aux",
                             "use experiment=mnist_aux (or data=default for this task)"))
         return data
+
+    @model_validator(mode="after")
+    def _lls_needs_the_audit(self) -> SubliminalConfig:
+        if self.filter.lls is not None and not self.audit.enabled:
+            raise _problem(("audit.enabled", False, f"but filter={self.filter.name} needs the audit (it ranks each "
+                            "arm's data by its LLS)", "set {field}=true, or use a filter without an lls block "
+                            "(e.g. filter=numbers_strict)"))
+        return self
 
     @model_validator(mode="after")
     def _enough_questions(self) -> SubliminalConfig:
