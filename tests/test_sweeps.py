@@ -93,7 +93,7 @@ def test_sigkill_mid_training_then_rerun_recomputes_nothing_finished(tmp_path: P
     proc.wait()
     before = Store(killed / "outputs" / "store").events()
     finished = {(e["stage"], e["key"]) for e in before if e["event"] == "computed"}
-    assert {stage for stage, _ in finished} == {"model", "prompts", "sample", "filter"}
+    assert {stage for stage, _ in finished} == {"model", "prompts", "sample", "filter", "logprobs", "audit"}
 
     _cli(*args, f"paths.root={killed}")
     after = Store(killed / "outputs" / "store").events()[len(before):]

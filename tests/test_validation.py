@@ -108,7 +108,7 @@ BAD = [
     (["trait.name=???"], "trait.name=??? is not set", "set trait.name=<value>"),
     (["eval.targets=${eval.category_targets.fish}"], "eval.targets=${eval.category_targets.fish} does not resolve",
      "fix the interpolation"),
-    (["+foo=1"], "foo=1 is not a known key", "known: base, data"),
+    (["+foo=1"], "foo=1 is not a known key", "known: audit, base, data"),
     (["seed=-1"], "seed=-1 must be >= 0", "set seed to 0 or more"),
 ]
 
