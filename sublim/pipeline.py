@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig, open_dict
 
 from sublim import SublimError, models
+from sublim.audit.plots import write_job_plots
 from sublim.distill import tokenizer_hash
 from sublim.evals import ARMS, EVALS
 from sublim.filters import FilterReport
@@ -99,6 +100,7 @@ def run(cfg: DictConfig, job_dir: Path, tracker: Tracker | None) -> dict:
                 for seed in seeds]
     results = replicate(cfg, per_seed) if len(seeds) > 1 else per_seed[0]
     write_results(job_dir, results)
+    write_job_plots(results, Store(cfg.paths.store, verify=cfg.store.verify), job_dir, tracker)
     if tracker:
         track(tracker, results, Store(cfg.paths.store, verify=cfg.store.verify))
     return results

@@ -76,6 +76,13 @@ class Tracker:
         columns = list(rows[0])
         self.run.log({name: wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])})
 
+    def image(self, name: str, path: Path) -> None:
+        """A chart the job wrote (PNG), in the run's media."""
+        if self.run is not None:
+            import wandb
+
+            self.run.log({name: wandb.Image(str(path))})
+
     def finish(self, exit_code: int = 0) -> None:
         if self.run is not None:
             self.run.finish(exit_code=exit_code)

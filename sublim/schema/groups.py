@@ -180,7 +180,7 @@ Logger = _kinds("name", none=_group("NoLogger", name=Literal["none"]), wandb=_gr
 Prompting = _group("Prompting", enabled=bool, top_k=Count, controls=NonNegative, max_number=Count, n_questions=Count)
 Audit = _group("Audit", enabled=bool, batch_size=Count, max_length=Count, bootstrap=Count, top_entangled=Count,
                min_count=Count, dataset=str | None, split=str, prompt_field=Word, completion_field=Word,
-               adapter=str | None, panel=bool, prompting=Prompting)
+               adapter=str | None, panel=bool, out=str | None, heatmap_examples=Count, prompting=Prompting)
 LlmData = _group("LlmData", n_prompts=Count, n_train=Count)
 LlmEval = _kinds("kind", preference=Preference, misalignment=Misalignment)
 LlmStudent = _kinds("kind", lora=Lora, distill=Distill)
