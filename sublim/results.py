@@ -87,12 +87,13 @@ def format_audit(results: dict) -> str:
     if not audit:
         return ""
     kind = "grammar-renormalised" if next(iter(audit.values()))["constrained"] else "full softmax"
-    lines = [f"audit: LLS of the data, log p(trait teacher) - log p(base) per answer token ({kind}; mean "
-             "[95% bootstrap CI over examples]):"]
+    lines = [f"audit: log p(trait teacher) - log p(base) of the data ({kind}; mean [95% bootstrap CI over "
+             "examples]); per answer (nats; estimates KL on the teacher's own samples) and per token (LLS):"]
     for arm, summary in audit.items():
-        lls, plain = summary["lls"], summary["lls_plain"]
-        lines.append(f"  {arm + ' data':<15} {lls['mean']:+.4f} [{lls['ci'][0]:+.4f}, {lls['ci'][1]:+.4f}]  "
-                     f"full softmax {plain['mean']:+.4f}  divergent tokens {summary['divergence_fraction']:.1%}")
+        shift, lls, plain = summary["answer_shift"], summary["lls"], summary["lls_plain"]
+        lines.append(f"  {arm + ' data':<15} {shift['mean']:+.3f} [{shift['ci'][0]:+.3f}, {shift['ci'][1]:+.3f}]  "
+                     f"LLS {lls['mean']:+.4f} [{lls['ci'][0]:+.4f}, {lls['ci'][1]:+.4f}]  full-softmax LLS "
+                     f"{plain['mean']:+.4f}  divergent tokens {summary['divergence_fraction']:.1%}")
     if "treatment" in audit and (numbers := audit["treatment"]["entangled"]["numbers"][:5]):
         lines.append("  numbers the trait raises most in the treatment data: "
                      + ", ".join(f"{n['number']} ({n['shift']:+.2f}, n={n['count']})" for n in numbers))
@@ -131,7 +132,8 @@ def track(tracker: Tracker, results: dict, store: Store) -> None:
         for metric, test in seed_results["treatment_vs_control"].items():
             flat |= {f"{prefix}delta/{metric}": test["delta"], f"{prefix}p_value/{metric}": test["p_value"]}
         for arm, audit in seed_results.get("audit", {}).items():
-            flat |= {f"{prefix}audit/{arm}/lls": audit["lls"]["mean"], f"{prefix}audit/{arm}/lls_plain":
+            flat |= {f"{prefix}audit/{arm}/lls": audit["lls"]["mean"], f"{prefix}audit/{arm}/answer_shift":
+                     audit["answer_shift"]["mean"], f"{prefix}audit/{arm}/lls_plain":
                      audit["lls_plain"]["mean"], f"{prefix}audit/{arm}/divergence": audit["divergence_fraction"]}
     for metric, test in results.get("pooled", {}).items():
         flat |= {f"pooled/{metric}/{field}": test[field] for field in ("mean", "low", "high", "p_value", "n_seeds")}

@@ -105,6 +105,7 @@ def test_summary_counts_divergence_and_entangled_numbers() -> None:
     reference = Scores(tokens, reference_logp, reference_logp, torch.tensor([2, 2, 3, 1, 4, 2, 3, 2, 1, 4]), lengths)
     per_row = examples(teacher, reference)
     assert [r["lls"] for r in per_row] == pytest.approx([2 / 5, 2 / 5])
+    assert [r["answer_shift"] for r in per_row] == pytest.approx([2.0, 2.0])
     assert per_row[0]["divergence"] == [0] and per_row[1]["divergence"] == [2]
     summary = summarise(teacher, reference, per_row, texts, 200, 5, 1)
     assert summary["divergence_fraction"] == pytest.approx(0.2)

@@ -28,7 +28,6 @@ from sublim import SublimError, models
 from sublim.audit.dataset import import_rows, load_rows
 from sublim.audit.panel import (
     CONF,
-    answer_shifts,
     category_traits,
     format_ci,
     format_panel,
@@ -37,7 +36,7 @@ from sublim.audit.panel import (
     trait_teacher,
 )
 from sublim.audit.plots import lls_histogram, panel_chart, shift_heatmap
-from sublim.audit.summary import _ci, shifts
+from sublim.audit.summary import shifts
 from sublim.distill import tokenizer_hash
 from sublim.schema import validate
 from sublim.stage import Job
@@ -139,7 +138,7 @@ def _audit(job: Job, rows: list[dict], teacher: Artifact, base: Artifact, adapte
                "category": cfg.trait.category, "teacher": f"{job.teacher.name} with {how}",
                "reference": cfg.base.name, "constrained": job.constrained,
                "summary": artifact.read_json("summary.json"),
-               "answer_shift": _ci(answer_shifts(artifact).tolist(), cfg.audit.bootstrap),
+               "answer_shift": artifact.read_json("summary.json")["answer_shift"],
                "stages": {"dataset": _stage(data), "audit": _stage(artifact)}}
     if traits is not None:
         results["panel"] = run_panel(cfg, job, data, teacher, reference, traits)
@@ -170,10 +169,9 @@ def write_outputs(results: dict, rows: list[dict], artifact: Artifact, store: St
                   heatmap_examples: int, tracker: Tracker | None) -> list[str]:
     """audit.csv, summary.json and the charts (+ the panel's) in ``out_dir``, and the same to W&B."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    per_row = [{"prompt": row["prompt"], "completion": row["completion"], **example, "answer_shift": shift,
+    per_row = [{"prompt": row["prompt"], "completion": row["completion"], **example,
                 "divergent": len(example["divergence"])}
-               for row, example, shift in zip(rows, read_jsonl(artifact.path / "examples.jsonl"),
-                                              answer_shifts(artifact).tolist(), strict=True)]
+               for row, example in zip(rows, read_jsonl(artifact.path / "examples.jsonl"), strict=True)]
     _csv(out_dir / "audit.csv", COLUMNS, per_row)
     lls = {"LLS" + (" (grammar-renormalised)" if results["constrained"] else ""): [r["lls"] for r in per_row]}
     if results["constrained"]:

@@ -22,7 +22,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sublim import SublimError
-from sublim.audit.summary import _ci
+from sublim.audit.summary import ci_of
 from sublim.pipeline import teacher_system_prompt
 from sublim.stage import Job
 from sublim.stages.audit import audit_data
@@ -73,11 +73,8 @@ def with_trait(cfg: DictConfig, trait: DictConfig) -> DictConfig:
 
 
 def answer_shifts(artifact: Artifact) -> np.ndarray:
-    """Per example of an audit, the sum of its per-token shifts (its LLS times the positions that define one)."""
-    rows = list(read_jsonl(artifact.path / "examples.jsonl"))
-    counts = np.array([row["n_tokens"] - row["outside_grammar"] for row in rows], dtype=float)
-    lls = np.array([row["lls"] for row in rows], dtype=float)
-    return np.where(counts > 0, lls * counts, 0.0)
+    """Per example of an audit, the sum of its per-token shifts."""
+    return np.array([row["answer_shift"] for row in read_jsonl(artifact.path / "examples.jsonl")], dtype=float)
 
 
 def run_panel(cfg: DictConfig, job: Job, data: Artifact, teacher: Artifact, reference: Artifact | None,
@@ -91,14 +88,14 @@ def run_panel(cfg: DictConfig, job: Job, data: Artifact, teacher: Artifact, refe
         artifact = audit_data(trait_job, data, teacher, system, adapter, reference, label=trait.name)
         summary = artifact.read_json("summary.json")
         values[trait.name] = answer_shifts(artifact)
-        rows.append({"trait": trait.name, "answer": _ci(values[trait.name].tolist(), cfg.audit.bootstrap),
+        rows.append({"trait": trait.name, "answer": ci_of(values[trait.name].tolist(), cfg.audit.bootstrap),
                      "lls": summary["lls"], "lls_plain": summary["lls_plain"],
                      "divergence_fraction": summary["divergence_fraction"], "key": artifact.key,
                      "reused": artifact.reused})
     rows.sort(key=lambda r: -r["answer"]["mean"])
 
     def paired(first: str, second: str) -> dict:  # the per-example difference's mean, bootstrap CI over examples
-        return {"trait": second, **_ci((values[first] - values[second]).tolist(), cfg.audit.bootstrap)}
+        return {"trait": second, **ci_of((values[first] - values[second]).tolist(), cfg.audit.bootstrap)}
 
     for rank, (row, below) in enumerate(zip(rows, rows[1:] + [None], strict=True), 1):
         row |= {"rank": rank, "margin_next": below and paired(row["trait"], below["trait"]),

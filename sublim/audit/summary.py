@@ -1,8 +1,12 @@
 """From two passes to what a dataset carries: per-example LLS, divergence positions, entangled numbers.
 
 - **LLS** of an example: the mean over its answer tokens of log p_teacher - log p_reference (renormalised over
-  the grammar's tokens for constrained data; ``lls_plain``: the full softmax). On a teacher's own samples the
-  dataset mean estimates KL(teacher || reference) >= 0; on the reference's own samples it is <= 0.
+  the grammar's tokens for constrained data; ``lls_plain``: the full softmax), the figure the literature ranks
+  examples by. **Answer shift**: the same shifts summed over the answer, log p_teacher(answer) -
+  log p_reference(answer). Its mean over a teacher's own samples estimates KL(teacher || reference) >= 0 (<= 0
+  over the reference's own samples); the per-token mean has no such guarantee when answers differ in length
+  (the end-of-turn token, which a system prompt moves most, weighs 10x more in a 4-token answer than in a
+  40-token one), so datasets and traits are compared by answer shift, with LLS beside it.
 - **Divergence positions**: where the teacher's most likely token differs from the reference's (Schrodi et al.:
   the few positions that carry most of the transfer).
 - **Entangled numbers / tokens**: the mean shift in log-prob of a number (the sum over its digit tokens) or a
@@ -36,19 +40,20 @@ def shifts(teacher: Scores, reference: Scores) -> tuple[torch.Tensor, torch.Tens
 
 
 def examples(teacher: Scores, reference: Scores) -> list[dict]:
-    """Per row: LLS (NaN mean skipped positions outside the grammar), plain LLS, tokens, divergence positions."""
+    """Per row: LLS and answer shift (positions outside the grammar skipped), plain LLS, tokens, divergence."""
     shift, plain = shifts(teacher, reference)
     diverge = teacher.argmax != reference.argmax
     out = []
     for s, p, d in zip(*(_split(x, teacher.lengths) for x in (shift, plain, diverge)), strict=True):
         finite = s[torch.isfinite(s)]
-        out.append({"lls": float(finite.mean()) if len(finite) else float("nan"),
+        out.append({"lls": float(finite.mean()) if len(finite) else float("nan"), "answer_shift": float(finite.sum()),
                     "lls_plain": float(p.mean()) if len(p) else float("nan"), "n_tokens": len(s),
                     "outside_grammar": int(len(s) - len(finite)), "divergence": d.nonzero()[:, 0].tolist()})
     return out
 
 
-def _ci(values: Sequence[float], n_resamples: int) -> dict:
+def ci_of(values: Sequence[float], n_resamples: int) -> dict:
+    """Mean and 95% percentile-bootstrap CI of the finite values (JSON-ready)."""
     finite = [v for v in values if np.isfinite(v)]
     if not finite:
         return {"mean": float("nan"), "ci": [float("nan"), float("nan")], "n": 0}
@@ -83,15 +88,17 @@ def entangled(teacher: Scores, shift: torch.Tensor, texts: Mapping[int, str], to
 
 def summarise(teacher: Scores, reference: Scores, rows: list[dict], texts: Mapping[int, str], n_resamples: int,
               top: int, min_count: int) -> dict:
-    """The dataset's audit: mean LLS (renormalised and plain) with bootstrap CIs, divergence, entanglement."""
+    """The dataset's audit: mean LLS (renormalised and plain) and answer shift with bootstrap CIs, divergence,
+    entanglement."""
     shift, _ = shifts(teacher, reference)
     n_positions = int(teacher.lengths.sum())
     divergent = int((teacher.argmax != reference.argmax).sum())
     return {
         "rows": len(rows),
         "positions": n_positions,
-        "lls": _ci([r["lls"] for r in rows], n_resamples),
-        "lls_plain": _ci([r["lls_plain"] for r in rows], n_resamples),
+        "lls": ci_of([r["lls"] for r in rows], n_resamples),
+        "answer_shift": ci_of([r["answer_shift"] for r in rows], n_resamples),
+        "lls_plain": ci_of([r["lls_plain"] for r in rows], n_resamples),
         "divergence_fraction": divergent / n_positions if n_positions else float("nan"),
         "divergent_positions": divergent,
         "outside_grammar": sum(r["outside_grammar"] for r in rows),
