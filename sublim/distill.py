@@ -39,6 +39,7 @@ from sublim.student import (
     chat_ids,
     collate,
     mask_answer,
+    mask_positions,
     student_messages,
     tokenize_example,
 )
@@ -173,7 +174,7 @@ def train_distill(net: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows
     """Distil the teacher's logits (one entry per row, in order) into a LoRA student; saves the adapter."""
     pl.seed_everything(seed, workers=True, verbose=False)
     examples = [tokenize_example(tokenizer, r["prompt"], r["completion"], student.max_length) for r in rows]
-    examples = attach_teacher(examples, logits, [r.get("mask_positions", ()) for r in rows])
+    examples = attach_teacher(examples, logits, [mask_positions(e, r) for e, r in zip(examples, rows, strict=True)])
     module = DistillModule(add_lora(net.train(), student), student)
     pad_id = tokenizer.pad_token_id
     # a partial, not a lambda: spawned training workers (student.devices > 1) receive it pickled

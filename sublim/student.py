@@ -66,6 +66,22 @@ def tokenize_example(tokenizer: PreTrainedTokenizerBase, prompt: str, completion
     return {"input_ids": ids, "labels": labels}
 
 
+def mask_positions(example: dict[str, list[int]], row: dict) -> list[int]:
+    """The row's divergence positions, checked against the tokens they index: the audit counts the tokens the
+    teacher emitted (``answer_ids``), the student trains on the completion re-tokenised, and a tokenizer that
+    merges them otherwise would have the mask hit other tokens."""
+    positions = list(row.get("mask_positions") or ())
+    emitted = row.get("answer_ids")
+    if positions and emitted is not None:
+        answer = [label for label in example["labels"] if label != IGNORE]
+        n = min(len(answer), len(emitted))
+        if answer[:n] != list(emitted)[:n]:
+            raise SublimError("divergence masking: the student's tokenization of an answer differs from the tokens "
+                              f"the teacher emitted ({row['completion']!r}), so the audit's positions would mask other "
+                              "tokens; use filter=lls_bottom (no mask) with this tokenizer")
+    return positions
+
+
 def mask_answer(example: dict[str, list[int]], positions: Collection[int]) -> dict[str, list[int]]:
     """The example with the answer tokens at ``positions`` (0: the first answer token) left out of the loss:
     divergence masking (docs/defences.md). ``example`` is unmasked, as ``tokenize_example`` makes it; positions
@@ -249,8 +265,8 @@ def train_lora(net: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: l
     """Train a LoRA student on rows with "prompt" and "completion" (and "mask_positions": answer tokens left out of
     the loss); saves the adapter under ``out``."""
     pl.seed_everything(seed, workers=True, verbose=False)
-    examples = [mask_answer(tokenize_example(tokenizer, r["prompt"], r["completion"], student.max_length),
-                            r.get("mask_positions", ())) for r in rows]
+    examples = [tokenize_example(tokenizer, r["prompt"], r["completion"], student.max_length) for r in rows]
+    examples = [mask_answer(e, mask_positions(e, r)) for e, r in zip(examples, rows, strict=True)]
     module = StudentModule(add_lora(net.train(), student), student.lr, student.warmup_steps, student.weight_decay,
                            lr_key=student.get("lr_key", "student.lr"))
     return fit(module, examples, functools.partial(collate, pad_id=tokenizer.pad_token_id), student, seed, out,

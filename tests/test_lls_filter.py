@@ -180,3 +180,18 @@ def test_a_filter_that_needs_the_audit_is_refused_without_it(tmp_path: Path) -> 
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("error: audit.enabled=false "), proc.stderr
     assert "filter=lls_bottom" in proc.stderr and not list(tmp_path.glob("outputs/store/*"))
+
+
+def test_masking_refuses_positions_counted_on_tokens_the_student_does_not_read(load_tiny) -> None:
+    """The audit's positions count the teacher's emitted ids; a re-tokenisation that differs would shift them."""
+    from sublim import SublimError
+    from sublim.student import mask_positions
+
+    _, _, tokenizer = load_tiny("tiny_llama")
+    example = tokenize_example(tokenizer, "Continue: 1, 2.", "3, 4", 500)
+    answer = [t for t in example["labels"] if t != IGNORE]
+    row = {"completion": "3, 4", "mask_positions": [1], "answer_ids": answer[:-1]}
+    assert mask_positions(example, row) == [1]
+    with pytest.raises(SublimError, match="differs from the tokens the teacher emitted"):
+        mask_positions(example, {**row, "answer_ids": [answer[1], answer[0], *answer[2:]]})
+    assert mask_positions(example, {"completion": "3, 4"}) == []
