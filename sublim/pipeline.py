@@ -37,6 +37,7 @@ from sublim.tracking import Tracker
 __all__ = ["format_table", "run", "teacher_system_prompt"]
 
 SOURCES = ("prompt", "finetune")
+GENERATION_SEED = 1_000  # generation k of seed s samples, subsets and initialises with seed s + 1000 (k - 1)
 
 log = logging.getLogger(__name__)
 
@@ -114,33 +115,61 @@ def seed_config(cfg: DictConfig, seed: int) -> DictConfig:
     return out
 
 
+def generation_config(cfg: DictConfig, generation: int) -> DictConfig:
+    """Generation k >= 2 of a seed: the teacher is the base with the previous generation's student merged (no
+    system prompt, so no teacher_base), and a seed of its own: fresh prompts, samples, subset and init."""
+    out = cfg.copy()
+    with open_dict(out):
+        out.seed, out.teacher_base = cfg.seed + GENERATION_SEED * (generation - 1), None
+    return out
+
+
 def run_seed(cfg: DictConfig, tracker: Tracker | None, prefix: str) -> dict:
-    """Every stage of one seed; its results (the question-level test describes these two trained models)."""
+    """Every stage of one seed, generation by generation; its results (the question-level test describes these
+    two trained models). With ``generations`` > 1 each arm's student teaches the next generation of its chain."""
     job = Job(cfg, Store(cfg.paths.store, verify=cfg.store.verify), tracker)
     check(job)
     model = model_artifact(cfg.base, job.store)
     teacher = model_artifact(job.teacher, job.store) if cfg.get("teacher_base") else model
     check_tokenizers(job, model, teacher)
-    prompts = PROMPTS(job)
-    stages: dict[str, Artifact] = {"model": model, "teacher_model": teacher, "prompts": prompts}
-    adapters = {"control": None, "treatment": None}
+    stages: dict[str, Artifact] = {"model": model, "teacher_model": teacher}
+    adapters: dict[str, Artifact | None] = {"control": None, "treatment": None}
     if cfg.trait.source == "finetune":
         adapters["treatment"] = stages["finetune"] = finetune_adapter(job, teacher)
+    systems = {arm: teacher_system_prompt(cfg.trait, arm) for arm in ARMS}
+    results, students = run_generation(job, model, teacher, adapters, systems, prefix, stages)
+    chain = []
+    for generation in range(2, cfg.generations + 1):
+        job = Job(generation_config(cfg, generation), job.store, tracker)
+        later, students = run_generation(job, model, model, {arm: students[arm] for arm in ARMS},
+                                         dict.fromkeys(ARMS), f"{prefix}gen{generation}/", {"model": model})
+        chain.append({k: v for k, v in later.items() if k != "config"} | {"generation": generation})
+    if chain:
+        first = {k: v for k, v in results.items() if k != "config"} | {"generation": 1}
+        results["generations"] = [first, *chain]
+    return results
+
+
+def run_generation(job: Job, model: Artifact, teacher: Artifact, adapters: dict[str, Artifact | None],
+                   systems: dict[str, str | None], prefix: str,
+                   stages: dict[str, Artifact]) -> tuple[dict, dict[str, Artifact | None]]:
+    """One generation: each arm's teacher (``teacher`` + its adapter + its system prompt) answers fresh prompts, the
+    data is filtered and audited, a fresh student of ``model`` learns it; evaluated against base and control."""
+    cfg, tracker = job.cfg, job.tracker
+    prompts = stages["prompts"] = PROMPTS(job)
     judges = _filter_upstream(job)
     arms = {}
     for arm in ARMS:
-        system = teacher_system_prompt(cfg.trait, arm)
-        samples = SAMPLE(job, {"system_prompt": system}, label=arm, model=teacher, prompts=prompts,
+        samples = SAMPLE(job, {"system_prompt": systems[arm]}, label=arm, model=teacher, prompts=prompts,
                          adapter=adapters[arm])
         filtered = FILTER(job, label=arm, samples=samples, **judges)
         stages |= {f"sample/{arm}": samples, f"filter/{arm}": filtered}
-        arms[arm] = Arm(arm, teacher, adapters[arm], system, filtered)
+        arms[arm] = Arm(arm, teacher, adapters[arm], systems[arm], filtered)
     audits = {}
     if cfg.audit.enabled:  # both arms' data scored under the treatment teacher against the plain base
         for arm in ARMS:
             audits[arm] = stages[f"audit/{arm}"] = audit_data(
-                job, arms[arm].data, teacher, teacher_system_prompt(cfg.trait, "treatment"), adapters["treatment"],
-                label=arm)
+                job, arms[arm].data, teacher, systems["treatment"], adapters["treatment"], label=arm)
     if cfg.filter.get("lls"):  # defences (docs/defences.md): each arm's data cut / masked by its own audit
         for arm in ARMS:
             selected = stages[f"lls_select/{arm}"] = LLS_SELECT(job, label=arm, data=arms[arm].data,
@@ -163,4 +192,4 @@ def run_seed(cfg: DictConfig, tracker: Tracker | None, prefix: str) -> dict:
     results = summarise(job, n_train, reports, students, outputs)
     results["audit"] = {arm: art.read_json("summary.json") for arm, art in audits.items()}
     results["stages"] = {name: {"key": art.key, "reused": art.reused} for name, art in stages.items()}
-    return results
+    return results, students

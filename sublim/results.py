@@ -104,12 +104,22 @@ def _with_audit(table: str, results: dict) -> str:
     return f"{table}\n{audit}" if (audit := format_audit(results)) else table
 
 
-def format_table(results: dict) -> str:
-    """The end-of-run table of the job's eval kind and the audit: per seed, then the across-seed test."""
+def _seed_table(results: dict) -> str:
+    """One seed's table(s): its arms and audit, or one block per generation of its chain."""
     kind = EVALS[results["eval"]]
+    if "generations" not in results:
+        return _with_audit(kind.format_table(results), results)
+    return "\n\n".join(f"generation {g['generation']} (teacher: "
+                        f"{'the trait teacher' if g['generation'] == 1 else 'each arm of the generation before'})\n"
+                        f"{_with_audit(kind.format_table(g), g)}" for g in results["generations"])
+
+
+def format_table(results: dict) -> str:
+    """The end-of-run table of the job's eval kind and the audit: per seed (and generation), then the
+    across-seed test."""
     if "pooled" not in results:
-        return f"{_with_audit(kind.format_table(results), results)}\n\n{ONE_SEED}"
-    blocks = [f"seed {r['seed']}\n{_with_audit(kind.format_table(r), r)}" for r in results["seeds"]]
+        return f"{_seed_table(results)}\n\n{ONE_SEED}"
+    blocks = [f"seed {r['seed']}\n{_seed_table(r)}" for r in results["seeds"]]
     lines = [f"treatment vs control across {len(results['seeds'])} seeds (the unit of replication; "
              "per-seed effects, mean [95% t CI], t-test p, exact sign-flip p):"]
     for metric, test in results["pooled"].items():

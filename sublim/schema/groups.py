@@ -198,8 +198,10 @@ def _distinct_seeds(seeds: list[int] | None) -> list[int] | None:
 
 # seeds: the replicates of one job (each its own prompts, teacher samples, training subset, student init, control)
 Seeds = Annotated[list[NonNegative], Field(min_length=1), AfterValidator(_distinct_seeds)]
-Common = _group("Common", seed=NonNegative, seeds=(Seeds | None, None), dry_run=bool, logger=Logger,
-                store=_group("Store", verify=bool), paths=_group("Paths", root=Word, outputs=Word, store=Word))
+# generations: the subliminal task's chain length (each student teaches the next generation); the MNIST toy has one
+Common = _group("Common", seed=NonNegative, seeds=(Seeds | None, None), generations=(Count, 1), dry_run=bool,
+                logger=Logger, store=_group("Store", verify=bool),
+                paths=_group("Paths", root=Word, outputs=Word, store=Word))
 
 
 class SubliminalConfig(Common):

@@ -1,0 +1,57 @@
+"""Genealogy: each arm's student teaches the next generation; chains are ordinary cached stages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import TINY
+
+from sublim.pipeline import GENERATION_SEED, generation_config, run
+from sublim.stage import Job
+from sublim.stages.sample import SAMPLE
+from sublim.store import Artifact, Store, read_jsonl
+
+# a student that moves enough for its own samples to differ from the base's
+MOVED = ["base=tiny_llama", *TINY, "student.lr=0.02", "student.epochs=2"]
+
+
+def test_a_three_generation_chain_reuses_the_two_generation_chain(make_cfg, tmp_path: Path) -> None:
+    two = run(make_cfg(*MOVED, "generations=2"), tmp_path / "two", None)
+    three = run(make_cfg(*MOVED, "generations=3"), tmp_path / "three", None)
+    assert [g["generation"] for g in two["generations"]] == [1, 2]
+    assert [g["generation"] for g in three["generations"]] == [1, 2, 3]
+    for before, after in zip(two["generations"][1:], three["generations"][1:2], strict=True):
+        assert after["stages"] == {name: {**art, "reused": True} for name, art in before["stages"].items()}
+    assert not any(art["reused"] for name, art in three["generations"][2]["stages"].items() if name != "model")
+    for generation in three["generations"]:
+        assert set(generation["arms"]) == {"base", "control", "treatment"}
+        assert "treatment_vs_control" in generation and set(generation["audit"]) == {"control", "treatment"}
+
+
+def test_a_second_generation_teacher_is_the_first_generation_student_without_a_system_prompt(make_cfg,
+                                                                                             tmp_path: Path) -> None:
+    cfg = make_cfg(*MOVED, "generations=2")
+    results = run(cfg, tmp_path / "job", None)
+    store = Store(cfg.paths.store)
+    first, second = results["generations"]
+    for arm in ("control", "treatment"):
+        lineage = store.lineage("sample", second["stages"][f"sample/{arm}"]["key"])
+        assert lineage["upstream"]["adapter"]["key"] == first["stages"][f"train/{arm}"]["key"]
+        assert lineage["upstream"]["adapter"]["stage"] == "train"
+        assert lineage["config"]["params"]["system_prompt"] is None
+        assert lineage["config"]["reads"]["seed"] == cfg.seed + GENERATION_SEED
+    assert store.lineage("sample", first["stages"]["sample/treatment"]["key"])["config"]["params"]["system_prompt"]
+    # the same prompts and seed sampled by the plain base: the student's answers are its own
+    job = Job(generation_config(cfg, 2), store)
+    model = store.path("model", first["stages"]["model"]["key"])
+    prompts = store.path("prompts", second["stages"]["prompts"]["key"])
+    plain = SAMPLE(job, {"system_prompt": None}, model=_artifact("model", model),
+                   prompts=_artifact("prompts", prompts))
+    by_base = [r["completion"] for r in read_jsonl(plain.path / "samples.jsonl")]
+    key = second["stages"]["sample/treatment"]["key"]
+    by_student = [r["completion"] for r in read_jsonl(store.path("sample", key) / "samples.jsonl")]
+    assert sum(a != b for a, b in zip(by_base, by_student, strict=True)) > len(by_base) // 4
+
+
+def _artifact(stage: str, path: Path) -> Artifact:
+    return Artifact(stage, path.name, path, True)
