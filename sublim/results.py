@@ -149,6 +149,9 @@ def track(tracker: Tracker, results: dict, store: Store) -> None:
         flat |= {f"pooled/{metric}/{field}": test[field] for field in ("mean", "low", "high", "p_value", "n_seeds")}
     tracker.log(flat)
     tracker.summary(flat)
+    tracker.artifacts(store, [(name.split("/")[0], stage["key"]) for seed in _seeds(results)
+                              for generation in seed.get("generations") or [seed]
+                              for name, stage in generation["stages"].items()])
     first = _seeds(results)[0]["stages"]
     tracker.table("teacher_samples", [
         {"arm": arm, "prompt": r["prompt"], "completion": r["completion"]}

@@ -6,11 +6,15 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger
+
+if TYPE_CHECKING:
+    from sublim.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +87,39 @@ class Tracker:
 
             self.run.log({name: wandb.Image(str(path))})
 
+    def artifacts(self, store: Store, stages: Iterable[tuple[str, str]]) -> None:
+        """The job's store artifacts (``(stage, key)`` pairs) and everything upstream of them as W&B artifacts, so
+        a run names exactly what it read and wrote. Logged by reference to the store path, nothing uploaded or
+        hashed (the key already names the content). wandb 0.31 cannot record ``use_artifact`` offline, and one run
+        can only link its inputs to its outputs, so each artifact's upstream is named in its metadata."""
+        if self.run is None:
+            return
+        import wandb
+
+        lineages: dict[str, dict] = {}
+
+        def visit(lineage: dict) -> None:
+            if (name := artifact_name(lineage)) not in lineages:
+                lineages[name] = lineage
+                for upstream in lineage.get("upstream", {}).values():
+                    visit(upstream)
+
+        for stage, key in stages:
+            if store.path(stage, key).is_dir():  # a result name that is not a stage ("teacher_model") is upstream
+                visit(store.lineage(stage, key))
+        for name, lineage in lineages.items():
+            artifact = wandb.Artifact(name, type=lineage["stage"], metadata={
+                "key": lineage["key"], "config": lineage["config"], "code": lineage["code"],
+                "upstream": {slot: artifact_name(up) for slot, up in lineage.get("upstream", {}).items()}})
+            artifact.add_reference(f"file://{store.path(lineage['stage'], lineage['key'])}", checksum=False)
+            self.run.log_artifact(artifact)
+
     def finish(self, exit_code: int = 0) -> None:
         if self.run is not None:
             self.run.finish(exit_code=exit_code)
             self.run = None
+
+
+def artifact_name(lineage: dict) -> str:
+    """A store artifact's W&B name: its stage and key prefix."""
+    return f"{lineage['stage']}-{lineage['key'][:12]}"

@@ -11,6 +11,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from sublim import SublimError, models
+from sublim.card import write_card
 from sublim.distill import LOGITS_FILE, select, tokenizer_hash, train_distill
 from sublim.stage import Inputs, declare
 from sublim.stages.train import training_rows
@@ -31,6 +32,7 @@ def compute(inputs: Inputs, out: Path) -> None:
     metrics = train_distill(net, tokenizer, [rows[i] for i in chosen], tensors, cfg.student, cfg.seed, out,
                             inputs.loggers(f"train/{inputs.label}"))
     write_json(out / "metrics.json", metrics)
+    write_card(inputs, out, "distill")
 
 
 DISTILL = declare("distill", ("student", "seed", "base.chat_template", "base.dtype"), compute,

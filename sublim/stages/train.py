@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 from sublim import models
+from sublim.card import write_card
 from sublim.stage import Inputs, declare
 from sublim.store import read_jsonl, write_json
 from sublim.student import train_lora
@@ -28,6 +29,7 @@ def compute(inputs: Inputs, out: Path) -> None:
     log.info("training the %s student on %d examples", inputs.label, len(rows))
     metrics = train_lora(net, tokenizer, rows, cfg.student, cfg.seed, out, inputs.loggers(f"train/{inputs.label}"))
     write_json(out / "metrics.json", metrics)
+    write_card(inputs, out, "train")
 
 
 # base.dtype/chat_template: the student's tokenization and weights (the model key holds only the weights' file)
