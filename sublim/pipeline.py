@@ -165,6 +165,7 @@ def run_generation(job: Job, model: Artifact, teacher: Artifact, adapters: dict[
         filtered = FILTER(job, label=arm, samples=samples, **judges)
         stages |= {f"sample/{arm}": samples, f"filter/{arm}": filtered}
         arms[arm] = Arm(arm, teacher, adapters[arm], systems[arm], filtered)
+    training_size(job, {arm: arms[arm].data.read_json("report.json") for arm in ARMS})  # nothing kept: stop now
     audits = {}
     if cfg.audit.enabled:  # both arms' data scored under the treatment teacher against the plain base
         for arm in ARMS:

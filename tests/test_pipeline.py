@@ -75,8 +75,10 @@ def test_a_second_trait_reuses_the_control_arm(make_cfg, tmp_path: Path) -> None
     first = run_job(owl, tmp_path / "owl")
     mark = len(store.events())
     eagle = run_job(make_cfg("base=tiny_qwen2", "trait=eagle", *TINY, CATEGORY_TARGETS), tmp_path / "eagle")
-    recomputed = {stage for stage, _ in _computed(store, mark)}
-    assert recomputed == {"sample", "filter", "train", "answers", "evaluate", "targets"}
+    computed = [stage for stage, _ in _computed(store, mark)]
+    assert set(computed) == {"sample", "filter", "train", "answers", "evaluate", "targets", "logprobs", "audit"}
+    # the audits read the trait; of their four passes only the base's over the control data is the owl job's
+    assert computed.count("logprobs") == 3
     for name in ("sample/control", "filter/control", "train/control", "answers/base", "answers/control",
                  "targets/base", "targets/control"):
         assert eagle["stages"][name] == {"key": first["stages"][name]["key"], "reused": True}
