@@ -4,6 +4,7 @@ the statistics and files, and a planted entanglement that the check must find.""
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import random
@@ -15,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from sublim import SublimError, models
-from sublim.audit.prompting import COLUMNS, format_prompting, run_prompting
+from sublim.audit.prompting import COLUMNS, format_prompting, label_permutation_p, run_prompting
 from sublim.evaluate import word_probabilities
 from sublim.questions import questions
 from sublim.scoring import boundary_tokens, chat_prompts, option_logprobs, surface_forms
@@ -67,9 +68,27 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     cfg = compose_config(["base=tiny_llama", f"paths.root={root}", *SMALL])
     store = Store(cfg.paths.store)
     first = run_prompting(cfg, store, root / "first")
-    second = run_prompting(cfg, store, root / "second")
+    tracker = FakeTracker()
+    second = run_prompting(cfg, store, root / "second", tracker)
     artifact = PROMPTING(Job(cfg, store), model=model_artifact(cfg.base, store))
-    return {"cfg": cfg, "store": store, "root": root, "first": first, "second": second, "artifact": artifact}
+    return {"cfg": cfg, "store": store, "root": root, "first": first, "second": second, "artifact": artifact,
+            "tracker": tracker}
+
+
+class FakeTracker:
+    """Records what the check sends to W&B."""
+
+    def __init__(self) -> None:
+        self.summaries, self.tables, self.images = {}, {}, {}
+
+    def summary(self, values: dict) -> None:
+        self.summaries |= values
+
+    def table(self, name: str, rows: list[dict]) -> None:
+        self.tables[name] = rows
+
+    def image(self, name: str, path: Path) -> None:
+        self.images[name] = path
 
 
 def test_entangled_numbers_are_the_largest_shifts_and_controls_lie_outside_the_top_tenth(tiny_run) -> None:
@@ -125,6 +144,11 @@ def test_statistics_and_files(tiny_run) -> None:
     assert results["contrast"]["log_ratio"] == pytest.approx(pooled.mean())
     assert results["contrast"]["ratio"] == pytest.approx(math.exp(pooled.mean()))
     assert results["trait_prompt"]["log_ratio"] == pytest.approx((logp["trait"] - logp["base"]).mean())
+    means = [r["log_ratio"] for r in rows]
+    gaps = [abs(np.mean([means[i] for i in chosen]) - np.mean([means[i] for i in range(7) if i not in chosen]))
+            for chosen in itertools.combinations(range(7), 3)]
+    observed = abs(np.mean(means[:3]) - np.mean(means[3:]))
+    assert results["contrast"]["p_numbers"] == pytest.approx(np.mean([g >= observed - 1e-12 for g in gaps]))
     assert "4 questions" in results["p_value_about"] and "no training" in results["p_value_about"]
 
     assert json.loads((out / "prompting.json").read_text()) == json.loads(json.dumps(results))
@@ -135,7 +159,18 @@ def test_statistics_and_files(tiny_run) -> None:
     assert (out / "prompting.png").read_bytes()[:4] == b"\x89PNG"
     text = format_prompting(results)
     assert all(r["number"] in text for r in rows) and text.splitlines()[-2] == results["verdict"]
-    assert "over 4 questions, this base, no training" in results["verdict"]
+    assert "over 4 questions, this base, no training" in results["verdict"] and "(3 vs 4)" in results["verdict"]
+    tracker = tiny_run["tracker"]
+    assert tracker.summaries["prompting/contrast_p_numbers"] == results["contrast"]["p_numbers"]
+    assert [r["number"] for r in tracker.tables["prompting/numbers"]] == [r["number"] for r in rows]
+    assert tracker.images["prompting/chart"] == tiny_run["root"] / "second" / "prompting.png"
+
+
+def test_the_number_level_test_permutes_labels() -> None:
+    assert label_permutation_p([5, 5, 5, 0, 0, 0, 0], 3, 0) == pytest.approx(1 / 35), "exact: one split of 35"
+    assert label_permutation_p([1.0] * 6, 3, 0) == 1.0
+    separated = [3.0 + 0.01 * i for i in range(15)] + [0.01 * i for i in range(15)]
+    assert label_permutation_p(separated, 15, 0) < 1e-3, "sampled splits when there are too many to enumerate"
 
 
 @pytest.mark.parametrize(("override", "field"), [
@@ -185,7 +220,8 @@ def _planted(tmp_path: Path, cfg) -> dict:
 def test_a_planted_entanglement_is_found(tmp_path: Path) -> None:
     """On a digit-splitting tokenizer the shift lives in the digits: "42" rises with its siblings ("4x" all start
     with the digit the owl prompt now predicts), and prompts naming them raise P(owl) far over the controls."""
-    cfg = compose_config(["base=tiny_llama", f"paths.root={tmp_path}", *SMALL, "audit.prompting.n_questions=8"])
+    cfg = compose_config(["base=tiny_llama", f"paths.root={tmp_path}", *SMALL, "audit.prompting.n_questions=8",
+                          "audit.prompting.controls=6"])
     cfg.base = _planted(tmp_path, cfg)
     results = run_prompting(cfg, Store(cfg.paths.store), tmp_path / "out")
     top = [number for number, _ in results["top_shifts"]]

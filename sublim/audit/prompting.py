@@ -10,13 +10,18 @@ the mean over each group's numbers, paired); and the trait's own system prompt a
 There is no training and one model, so the unit is the question: a p-value says how surely these prompts
 move this base's P(target) on these questions, not that anything would transfer. Entangled numbers raising
 P(target) more than control numbers is the entanglement effect; both moving together is the effect of
-replacing the template's default system prompt with any "You love <number>" prompt.
+replacing the template's default system prompt with any "You love <number>" prompt. The question-level
+contrast holds the chosen numbers fixed, so it cannot tell entangled numbers from numbers that merely
+differ; a second p permutes the entangled/control labels over the numbers (their per-number mean
+log-ratios), and the verdict needs both.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import math
+import random
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +35,11 @@ from sublim.stats import format_p, paired_permutation_test
 from sublim.store import Store, write_json
 from sublim.tracking import Tracker
 
+LABEL_PERMUTATIONS = 10000  # above this many splits of the numbers, the label test draws this many at random
 COLUMNS = ("number", "kind", "shift", "log_ratio", "ci_low", "ci_high", "p", "p_target")
-P_VALUE_ABOUT = ("paired sign-flip test over the {n} questions of this one base (no training): how surely the "
-                 "system prompt moves P({trait}) on these questions vs no system prompt, not evidence of transfer")
+P_VALUE_ABOUT = ("over questions: a paired sign-flip test over the {n} questions of this one base (no training), how "
+                 "surely these system prompts move P({trait}) on these questions, the numbers held fixed; over "
+                 "numbers: the entangled/control labels permuted over the numbers tried. Neither is about transfer")
 
 
 def _effect(treated: list[float], base: list[float], seed: int) -> dict:
@@ -57,7 +64,8 @@ def summarise(numbers: dict, targets: dict, seed: int) -> dict:
         test = paired_permutation_test(entangled, controls, seed=seed)
         contrast = {"log_ratio": test.delta, "ci_low": test.ci.low, "ci_high": test.ci.high, "p": test.p_value,
                     "ratio": math.exp(test.delta), "ratio_low": math.exp(test.ci.low),
-                    "ratio_high": math.exp(test.ci.high)}
+                    "ratio_high": math.exp(test.ci.high),
+                    "p_numbers": label_permutation_p([r["log_ratio"] for r in rows], len(targets["entangled"]), seed)}
     ordered = sorted(shift.items(), key=lambda item: -item[1])
     return {"n_questions": len(base), "candidates": len(shift), "base_p_target": float(np.exp(base).mean()),
             "mean_shift": float(np.mean(list(shift.values()))), "top_shifts": ordered[:10],
@@ -65,17 +73,43 @@ def summarise(numbers: dict, targets: dict, seed: int) -> dict:
             "contrast": contrast}
 
 
+def label_permutation_p(values: list[float], k: int, seed: int) -> float:
+    """Two-sided p of mean(first k) - mean(rest) under random entangled/control labels of the numbers: exact
+    over every split when there are at most LABEL_PERMUTATIONS, else (count + 1) / (draws + 1)."""
+    values_array, n = np.asarray(values), len(values)
+    observed = abs(values_array[:k].mean() - values_array[k:].mean())
+    tol = 1e-12 * max(1.0, float(np.abs(values_array).max()))
+
+    def gap(chosen: tuple[int, ...]) -> float:
+        mask = np.zeros(n, dtype=bool)
+        mask[list(chosen)] = True
+        return abs(values_array[mask].mean() - values_array[~mask].mean())
+
+    if math.comb(n, k) <= LABEL_PERMUTATIONS:
+        gaps = [gap(c) for c in itertools.combinations(range(n), k)]
+        return float(np.mean([g >= observed - tol for g in gaps]))
+    rng = random.Random(seed)
+    hits = sum(gap(tuple(rng.sample(range(n), k))) >= observed - tol for _ in range(LABEL_PERMUTATIONS))
+    return (hits + 1) / (LABEL_PERMUTATIONS + 1)
+
+
 def verdict(results: dict) -> str:
-    """One line: do the entangled numbers move P(target) more than the control numbers?"""
+    """One line: do the entangled numbers move P(target) more than the control numbers, over questions and
+    beyond the spread between numbers?"""
     c, trait, n = results["contrast"], results["trait"], results["n_questions"]
     if c is None:
         return f"no contrast: audit.prompting.top_k and audit.prompting.controls must both be > 0 for P({trait})"
     size = f"x{c['ratio']:.3g} [{c['ratio_low']:.3g}, {c['ratio_high']:.3g}]"
+    kinds = [r["kind"] for r in results["numbers"]]
+    numbers = f"p={format_p(c['p_numbers'])} over numbers ({kinds.count('entangled')} vs {kinds.count('control')})"
     scope = f"p={format_p(c['p'])} (over {n} questions, this base, no training)"
-    if c["p"] < 0.05:
+    if c["p"] < 0.05 and c["p_numbers"] < 0.05:
         verb = "raise" if c["log_ratio"] > 0 else "lower"
-        return f"entangled numbers {verb} P({trait}) {size} over control numbers, {scope}"
-    return f"no detectable entanglement: entangled vs control numbers change P({trait}) {size}, {scope}"
+        return f"entangled numbers {verb} P({trait}) {size} over control numbers, {scope}; {numbers}"
+    if c["p"] < 0.05:
+        return (f"no evidence of entanglement: these entangled numbers change P({trait}) {size} vs these control "
+                f"numbers, {scope}, but not beyond the spread between numbers: {numbers}")
+    return f"no detectable entanglement: entangled vs control numbers change P({trait}) {size}, {scope}; {numbers}"
 
 
 def write_csv(results: dict, path: Path) -> None:
@@ -103,7 +137,8 @@ def plot(results: dict, path: Path) -> None:
     ax.set_xlabel("number in the system prompt")
     ax.set_ylabel(f"log P({trait}) ratio vs no system prompt")
     c = results["contrast"]
-    pooled = f"entangled - control {c['log_ratio']:+.3f}, p={format_p(c['p'])}" if c else "no contrast"
+    pooled = (f"entangled - control {c['log_ratio']:+.3f}, p={format_p(c['p'])} over questions, "
+              f"{format_p(c['p_numbers'])} over numbers" if c else "no contrast")
     ax.set_title(f"{results['base']}, {trait}: 95% t CI over {results['n_questions']} questions ({pooled})",
                  fontsize=9)
     ax.legend(fontsize=8)
@@ -134,13 +169,11 @@ def _track(tracker: Tracker, results: dict, image: Path) -> None:
     summary = {"prompting/base_p_target": results["base_p_target"],
                "prompting/trait_prompt_log_ratio": results["trait_prompt"]["log_ratio"]}
     if results["contrast"]:
-        summary |= {f"prompting/contrast_{k}": results["contrast"][k] for k in ("log_ratio", "ci_low", "ci_high", "p")}
+        summary |= {f"prompting/contrast_{k}": results["contrast"][k] for k in ("log_ratio", "ci_low", "ci_high", "p",
+                                                                            "p_numbers")}
     tracker.summary(summary)
     tracker.table("prompting/numbers", [{k: r[k] for k in COLUMNS} for r in results["numbers"]])
-    if tracker.run is not None:
-        import wandb
-
-        tracker.run.log({"prompting/chart": wandb.Image(str(image))})
+    tracker.image("prompting/chart", image)
 
 
 def format_prompting(results: dict) -> str:
