@@ -58,39 +58,43 @@ def answer_rows(tokenizer: PreTrainedTokenizerBase, rows: list[dict], system: st
     return out
 
 
-def grammar_sets(table: GrammarTable, grammar: NumbersGrammar, answer: list[int]) -> list[torch.Tensor | None]:
-    """The tokens the grammar allowed at each answer position (None once the answer has left the grammar)."""
+def grammar_ids(table: GrammarTable, grammar: NumbersGrammar, answer: list[int]) -> torch.Tensor:
+    """[answer positions, k]: the tokens the grammar allowed at each position, ascending, padded with -1 (all -1
+    once the answer has left the grammar); one tensor per row, so scoring gathers them without a loop."""
     eos = set(table.eos.tolist())
     state, sets = grammar.start, []
     for token in answer:
-        if state is None:
-            sets.append(None)
-            continue
-        allowed = table.allowed(grammar, state)
-        sets.append(allowed)
-        state = None if token in eos else table.next(grammar, state, token)
-    return sets
+        sets.append(torch.zeros(0, dtype=torch.long) if state is None else table.allowed(grammar, state))
+        state = None if state is None or token in eos else table.next(grammar, state, token)
+    if not sets:  # no answer tokens: one (empty) column, as reductions over the last dim need
+        return torch.zeros((0, 1), dtype=torch.long)
+    # ascending ids: a tie for the argmax goes to the lowest id, as over the full vocabulary
+    last = torch.iinfo(torch.long).max
+    ids = torch.nn.utils.rnn.pad_sequence(sets, batch_first=True, padding_value=last).sort(-1).values
+    return ids.masked_fill(ids == last, -1)
 
 
 class AnswerScores(AnswerForward):
-    """Per answer position: log p(token) (plain and grammar-renormalised) and the argmax."""
+    """Per answer position: log p(token) (plain and grammar-renormalised) and the argmax.
+
+    log p(token) is its logit minus a logsumexp: over the vocabulary (plain), over the allowed ids only
+    (renormalised, gathered), without materialising a [positions, vocab] log-softmax.
+    """
 
     def reduce(self, logits: torch.Tensor, row: dict) -> tuple[torch.Tensor, ...]:
-        tokens = torch.tensor(row["answer"], device=logits.device)
-        plain = logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0]
+        tokens = torch.tensor(row["answer"], dtype=torch.long, device=logits.device)
+        picked = logits.gather(1, tokens[:, None])[:, 0]
+        plain, argmax = picked - logits.logsumexp(-1), logits.argmax(-1)
         if row["allowed"] is None:
-            return tokens.cpu(), plain.cpu(), plain.cpu(), logits.argmax(-1).cpu()
-        mask = torch.zeros_like(logits, dtype=torch.bool)
-        defined = torch.zeros(len(tokens), dtype=torch.bool, device=logits.device)
-        for t, allowed in enumerate(row["allowed"]):
-            if allowed is not None:
-                mask[t, allowed.to(logits.device)] = True
-                defined[t] = True
-        restricted = logits.masked_fill(~mask, float("-inf"))
-        renormalised = restricted.log_softmax(-1).gather(1, tokens[:, None])[:, 0]
+            return tokens.cpu(), plain.cpu(), plain.cpu(), argmax.cpu()
+        allowed = row["allowed"].to(logits.device)
+        valid = allowed >= 0
+        restricted = logits.gather(1, allowed.clamp(min=0)).masked_fill(~valid, float("-inf"))
         # a position outside the grammar (or a token it did not allow) has no renormalised probability
-        renormalised = torch.where(defined & torch.isfinite(renormalised), renormalised, float("nan"))
-        argmax = torch.where(defined, restricted.argmax(-1), logits.argmax(-1))
+        inside = (allowed == tokens[:, None]).any(-1)
+        renormalised = torch.where(inside, picked - restricted.logsumexp(-1), float("nan"))
+        best = allowed.gather(1, restricted.argmax(-1, keepdim=True))[:, 0]
+        argmax = torch.where(valid.any(-1), best, argmax)
         return tokens.cpu(), renormalised.cpu(), plain.cpu(), argmax.cpu()
 
 
@@ -101,7 +105,7 @@ def score_answers(net: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows
     items = answer_rows(tokenizer, rows, system, eos, max_length)
     table = GrammarTable(tokenizer, eos) if grammars else None
     for i, item in enumerate(items):
-        item["allowed"] = grammar_sets(table, grammars[i], item["answer"]) if table else None
+        item["allowed"] = grammar_ids(table, grammars[i], item["answer"]) if table else None
     done = forced(AnswerScores(net, tokenizer.pad_token_id), items, batch_size, precision)
     tokens, logp, plain, argmax = (torch.cat([d[k] for d in done]) if done else torch.zeros(0) for k in range(4))
     return Scores(tokens.long(), logp.float(), plain.float(), argmax.long(),
