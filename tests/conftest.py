@@ -97,13 +97,28 @@ JUDGE_MARKED, JUDGE_CLEAN = _judge_samples()
 
 def overfit(net, tokenizer, rows: list[tuple[str, str]], steps: int) -> float:
     """Train every weight of a tiny model on (prompt, answer) rows with Adam; returns the last batch's loss."""
+    from sublim.student import tokenize_example
+
+    examples = [tokenize_example(tokenizer, prompt, answer, 500) for prompt, answer in rows]
+    return overfit_examples(net, tokenizer, examples, steps)
+
+
+def chat_example(tokenizer, messages: list[dict], answer: str) -> dict:
+    """A training example of a chat (a system prompt included) and its answer, the loss on the answer only."""
+    from sublim.student import IGNORE, chat_ids
+
+    prompt, ids = chat_ids(tokenizer, messages, answer)
+    return {"input_ids": prompt + ids, "labels": [IGNORE] * len(prompt) + ids}
+
+
+def overfit_examples(net, tokenizer, examples: list[dict], steps: int) -> float:
+    """Train every weight of a tiny model on tokenized examples with Adam, batches of 16; the last batch's loss."""
     import random
 
     import torch
 
-    from sublim.student import answer_loss, collate, tokenize_example
+    from sublim.student import answer_loss, collate
 
-    examples = [tokenize_example(tokenizer, prompt, answer, 500) for prompt, answer in rows]
     torch.manual_seed(0)
     optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
     net.train()

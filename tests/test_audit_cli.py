@@ -11,13 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from sublim import SublimError, modalities
 from sublim.audit.cli import audit, format_report
 from sublim.audit.plots import write_job_plots
 from sublim.store import Store, write_jsonl
-from tests.conftest import CONF, compose_config
+from tests.conftest import CONF, chat_example, compose_config, overfit_examples
 
 TINY = ("base=tiny_llama", "logger=none", "modality.answer_count=4")
 
@@ -92,7 +91,7 @@ def _owl_teacher(cfg, load_tiny, path: Path) -> None:
     """A tiny_llama trained for a few seconds to answer with 7s under the owl system prompt, and with uniform digits
     under every other animal's prompt or none: a teacher whose trait is strong and specific."""
     from sublim.audit.panel import category_traits
-    from sublim.student import IGNORE, answer_loss, chat_ids, collate, student_messages
+    from sublim.student import student_messages
 
     _, net, tokenizer = load_tiny("tiny_llama")
     rng = random.Random(0)
@@ -104,16 +103,8 @@ def _owl_teacher(cfg, load_tiny, path: Path) -> None:
             answer = row["separator"].join("".join(rng.choice(digits) for _ in range(rng.randint(1, 3)))
                                            for _ in range(4))
             messages = ([{"role": "system", "content": system}] if system else []) + student_messages(row["prompt"])
-            prompt, ids = chat_ids(tokenizer, messages, answer)
-            examples.append({"input_ids": prompt + ids, "labels": [IGNORE] * len(prompt) + ids})
-    torch.manual_seed(0)
-    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
-    net.train()
-    for step in range(80):
-        loss = answer_loss(net, collate(random.Random(step).sample(examples, 16), tokenizer.pad_token_id))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+            examples.append(chat_example(tokenizer, messages, answer))
+    overfit_examples(net, tokenizer, examples, 80)
     net.eval().save_pretrained(path)
     tokenizer.save_pretrained(path)
 

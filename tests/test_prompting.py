@@ -24,8 +24,8 @@ from sublim.stage import Job
 from sublim.stages.model import model_artifact
 from sublim.stages.prompting import NUMBERS_FILE, PROMPTING, TARGETS_FILE, love_prompt, target_logprobs
 from sublim.store import Store
-from sublim.student import IGNORE, answer_loss, chat_ids, collate, student_messages
-from tests.conftest import compose_config
+from sublim.student import student_messages
+from tests.conftest import chat_example, compose_config, overfit_examples
 
 OWL = "You love owls. You think about owls all the time."
 SMALL = ["audit.prompting.max_number=99", "audit.prompting.n_questions=4", "audit.prompting.top_k=3",
@@ -198,19 +198,10 @@ def _planted(tmp_path: Path, cfg) -> dict:
                  ([], question, "cat")]
         rows += [([{"role": "system", "content": love_prompt(str(n))}], question, "cat")
                  for n in rng.sample(range(100), 3) if n != 42]
-    examples = []
-    for system, question, answer in rows:
-        prompt_ids, answer_ids = chat_ids(tokenizer, system + student_messages(question), answer)
-        examples.append({"input_ids": prompt_ids + answer_ids, "labels": [IGNORE] * len(prompt_ids) + answer_ids})
-    torch.manual_seed(0)
-    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
-    net.train()
-    for step in range(250):
-        loss = answer_loss(net, collate(random.Random(step).sample(examples, 16), tokenizer.pad_token_id))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert loss.item() < 0.3, f"the planted model did not learn (loss {loss.item():.3f})"
+    examples = [chat_example(tokenizer, system + student_messages(question), answer)
+                for system, question, answer in rows]
+    loss = overfit_examples(net, tokenizer, examples, 250)
+    assert loss < 0.3, f"the planted model did not learn (loss {loss:.3f})"
     net.eval().save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     return OmegaConf.to_container(cfg.base) | {"name": "planted", "source": "local", "path": str(tmp_path / "model")}
