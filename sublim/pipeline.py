@@ -101,9 +101,10 @@ def run(cfg: DictConfig, job_dir: Path, tracker: Tracker | None) -> dict:
                 for seed in seeds]
     results = replicate(cfg, per_seed) if len(seeds) > 1 else per_seed[0]
     write_results(job_dir, results)
-    write_job_plots(results, Store(cfg.paths.store, verify=cfg.store.verify), job_dir, tracker)
+    store = Store(cfg.paths.store, verify=cfg.store.verify)
+    write_job_plots(results, store, job_dir, tracker)
     if tracker:
-        track(tracker, results, Store(cfg.paths.store, verify=cfg.store.verify))
+        track(tracker, results, store)
     return results
 
 
