@@ -21,6 +21,7 @@ from sublim.distill import tokenizer_hash
 from sublim.evals import ARMS, EVALS
 from sublim.filters import FilterReport
 from sublim.judge import model_upstream
+from sublim.report import write_job_generations
 from sublim.results import format_table, replicate, summarise, track, write_results
 from sublim.stage import Job, plain
 from sublim.stages.audit import audit_data
@@ -103,6 +104,10 @@ def run(cfg: DictConfig, job_dir: Path, tracker: Tracker | None) -> dict:
     write_results(job_dir, results)
     store = Store(cfg.paths.store, verify=cfg.store.verify)
     write_job_plots(results, store, job_dir, tracker)
+    if cfg.generations > 1:
+        for image in write_job_generations(job_dir):
+            if tracker:
+                tracker.image(image.stem, image)
     if tracker:
         track(tracker, results, store)
     return results

@@ -11,13 +11,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from sublim.evals import ARMS, EVAL_ARMS, EVALS
+from sublim.evals import ARMS, EVAL_ARMS, EVALS, EvalKind
 from sublim.replication import pooled
 from sublim.stage import Job
 from sublim.stats import format_p
 from sublim.store import Artifact, Store, read_jsonl, write_json
 from sublim.tracking import Tracker
 
+POOLED_FIELDS = ("mean", "low", "high", "p_value", "n_seeds")
 IDENTITY = ("trait", "category", "base", "teacher_base", "source", "student", "modality", "filter", "eval")
 ONE_SEED = ("One seed: the p-values above compare these two trained models over the questions; they say nothing "
             "about transfer. seeds=[0,1,2] tests treatment vs control across seeds.")
@@ -50,10 +51,14 @@ def summarise(job: Job, n_train: int, reports: dict[str, dict], students: dict[s
 def replicate(cfg: DictConfig, per_seed: list[dict]) -> dict:
     """The results of a job over several seeds: each seed's, and the across-seed test of every effect."""
     kind = EVALS[cfg.eval.kind]
-    return ({field: per_seed[0][field] for field in IDENTITY}
-            | {"seeds": [{k: v for k, v in r.items() if k != "config"} for r in per_seed],
-               "pooled": pooled([kind.effects(r) for r in per_seed]),
-               "config": OmegaConf.to_container(cfg, resolve=True)})
+    out = ({field: per_seed[0][field] for field in IDENTITY}
+           | {"seeds": [{k: v for k, v in r.items() if k != "config"} for r in per_seed],
+              "pooled": pooled([kind.effects(r) for r in per_seed])})
+    if "generations" in per_seed[0]:  # every generation's effect, tested across seeds like the first
+        out["pooled_generations"] = [
+            {"generation": k + 1, "pooled": pooled([kind.effects(r["generations"][k]) for r in per_seed])}
+            for k in range(len(per_seed[0]["generations"]))]
+    return out | {"config": OmegaConf.to_container(cfg, resolve=True)}
 
 
 def _seeds(results: dict) -> list[dict]:
@@ -122,11 +127,31 @@ def format_table(results: dict) -> str:
     blocks = [f"seed {r['seed']}\n{_seed_table(r)}" for r in results["seeds"]]
     lines = [f"treatment vs control across {len(results['seeds'])} seeds (the unit of replication; "
              "per-seed effects, mean [95% t CI], t-test p, exact sign-flip p):"]
-    for metric, test in results["pooled"].items():
-        effects = ", ".join(f"{e:+.3g}" for e in test["effects"])
-        lines.append(f"  {metric:<22} {test['mean']:+.3g} [{test['low']:+.3g}, {test['high']:+.3g}]  "
-                     f"p={format_p(test['p_value'])}  sign-flip p={format_p(test['p_sign_flip'])}  (seeds: {effects})")
+    chain = results.get("pooled_generations") or [{"generation": None, "pooled": results["pooled"]}]
+    for generation in chain:
+        if generation["generation"] is not None:
+            lines.append(f" generation {generation['generation']}")
+        for metric, test in generation["pooled"].items():
+            effects = ", ".join(f"{e:+.3g}" for e in test["effects"])
+            lines.append(f"  {metric:<22} {test['mean']:+.3g} [{test['low']:+.3g}, {test['high']:+.3g}]  "
+                         f"p={format_p(test['p_value'])}  sign-flip p={format_p(test['p_sign_flip'])}  "
+                         f"(seeds: {effects})")
     return "\n\n".join(blocks) + "\n\n" + "\n".join(lines)
+
+
+def _flat(kind: EvalKind, results: dict, prefix: str) -> dict[str, float]:
+    """One seed's (or generation's) arm means, question-level tests and audit, as W&B scalars under ``prefix``."""
+    flat = {}
+    for arm, values in results["arms"].items():
+        flat |= {f"{prefix}{arm}/{metric}": values[metric]["mean"] for metric in kind.metrics}
+        flat[f"{prefix}{arm}/n_train"] = values["n_train"]
+    for metric, test in results["treatment_vs_control"].items():
+        flat |= {f"{prefix}delta/{metric}": test["delta"], f"{prefix}p_value/{metric}": test["p_value"]}
+    for arm, audit in results.get("audit", {}).items():
+        flat |= {f"{prefix}audit/{arm}/lls": audit["lls"]["mean"], f"{prefix}audit/{arm}/answer_shift":
+                 audit["answer_shift"]["mean"], f"{prefix}audit/{arm}/lls_plain": audit["lls_plain"]["mean"],
+                 f"{prefix}audit/{arm}/divergence": audit["divergence_fraction"]}
+    return flat
 
 
 def track(tracker: Tracker, results: dict, store: Store) -> None:
@@ -134,21 +159,23 @@ def track(tracker: Tracker, results: dict, store: Store) -> None:
     kind = EVALS[results["eval"]]
     several = "pooled" in results
     flat = {}
+    by_generation = []
     for seed_results in _seeds(results):
-        prefix = f"seed{seed_results['seed']}/" if several else ""
-        for arm, values in seed_results["arms"].items():
-            flat |= {f"{prefix}{arm}/{metric}": values[metric]["mean"] for metric in kind.metrics}
-            flat[f"{prefix}{arm}/n_train"] = values["n_train"]
-        for metric, test in seed_results["treatment_vs_control"].items():
-            flat |= {f"{prefix}delta/{metric}": test["delta"], f"{prefix}p_value/{metric}": test["p_value"]}
-        for arm, audit in seed_results.get("audit", {}).items():
-            flat |= {f"{prefix}audit/{arm}/lls": audit["lls"]["mean"], f"{prefix}audit/{arm}/answer_shift":
-                     audit["answer_shift"]["mean"], f"{prefix}audit/{arm}/lls_plain":
-                     audit["lls_plain"]["mean"], f"{prefix}audit/{arm}/divergence": audit["divergence_fraction"]}
-    for metric, test in results.get("pooled", {}).items():
-        flat |= {f"pooled/{metric}/{field}": test[field] for field in ("mean", "low", "high", "p_value", "n_seeds")}
+        for generation in seed_results.get("generations") or [seed_results]:
+            k = generation.get("generation")
+            prefix = ("".join([f"seed{seed_results['seed']}/" if several else "", f"gen{k}/" if k else ""]))
+            flat |= _flat(kind, generation, prefix)
+            by_generation += [{"seed": seed_results["seed"], "generation": k or 1, "arm": arm}
+                              | {metric: values[metric]["mean"] for metric in kind.metrics}
+                              for arm, values in generation["arms"].items()]
+    for generation in results.get("pooled_generations") or [{"generation": None, "pooled": results.get("pooled", {})}]:
+        prefix = f"pooled/gen{generation['generation']}/" if generation["generation"] else "pooled/"
+        for metric, test in generation["pooled"].items():
+            flat |= {f"{prefix}{metric}/{field}": test[field] for field in POOLED_FIELDS}
     tracker.log(flat)
     tracker.summary(flat)
+    if "generations" in _seeds(results)[0]:
+        tracker.table("generations", by_generation)
     tracker.artifacts(store, [(name.split("/")[0], stage["key"]) for seed in _seeds(results)
                               for generation in seed.get("generations") or [seed]
                               for name, stage in generation["stages"].items()])

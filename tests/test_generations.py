@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import csv
+import math
 from pathlib import Path
 
+import pytest
 from conftest import TINY
 
 from sublim.pipeline import GENERATION_SEED, generation_config, run
+from sublim.report import write_report
+from sublim.results import format_table
 from sublim.stage import Job
 from sublim.stages.sample import SAMPLE
 from sublim.store import Artifact, Store, read_jsonl
+from sublim.train import run_job
 
 # a student that moves enough for its own samples to differ from the base's
 MOVED = ["base=tiny_llama", *TINY, "student.lr=0.02", "student.epochs=2"]
@@ -55,3 +61,34 @@ def test_a_second_generation_teacher_is_the_first_generation_student_without_a_s
 
 def _artifact(stage: str, path: Path) -> Artifact:
     return Artifact(stage, path.name, path, True)
+
+
+def test_a_chain_over_seeds_is_tested_and_drawn_per_generation(make_cfg, tmp_path: Path) -> None:
+    """Two seeds x two generations: each generation's effect is tested across seeds, the job draws each arm by
+    generation and writes a row per seed, generation, arm and metric; W&B gets every generation's scalars; the
+    sweep report over the job gets the generations section."""
+    wandb = [o for o in MOVED if not o.startswith("logger=")] + ["logger=wandb"]
+    job = tmp_path / "job"
+    results = run_job(make_cfg(*wandb, "generations=2", "seeds=[0,1]"), job)
+    chain = results["pooled_generations"]
+    assert [g["generation"] for g in chain] == [1, 2]
+    assert chain[0]["pooled"] == results["pooled"]
+    second = [seed["generations"][1]["arms"] for seed in results["seeds"]]
+    effects = [math.log(arms["treatment"]["probability"]["mean"] / arms["control"]["probability"]["mean"])
+               for arms in second]
+    assert chain[1]["pooled"]["log_probability_ratio"]["effects"] == pytest.approx(effects)
+    assert chain[1]["pooled"]["log_probability_ratio"]["n_seeds"] == 2
+    assert " generation 2\n  log_probability_ratio" in format_table(results)
+    rows = list(csv.DictReader(open(job / "report_generations.csv")))
+    assert len(rows) == 2 * 2 * 3 * 2  # seeds x generations x arms x metrics
+    [row] = [r for r in rows if (r["seed"], r["generation"], r["arm"], r["metric"]) == ("1", "2", "treatment",
+                                                                                        "probability")]
+    assert float(row["mean"]) == pytest.approx(results["seeds"][1]["generations"][1]["arms"]["treatment"]
+                                               ["probability"]["mean"])
+    assert (job / "generations.png").stat().st_size > 10_000
+    records = next((job / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
+    assert b"seed1/gen2/treatment/probability" in records and b"pooled/gen2/log_probability_ratio/p_value" in records
+    write_report(tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "## Generations" in report and "![generations.png](generations.png)" in report
+    assert (tmp_path / "generations.png").exists()

@@ -6,6 +6,9 @@ p-values beside Benjamini-Hochberg adjusted ones), report.csv and report.png (pe
 log(treatment P / control P) of each seed, their mean and 95% t interval over seeds); with W&B on, it
 logs one summary run with the table and chart in the sweep's group.
 
+Jobs with ``generations`` > 1 add generations.png (each arm's metric by generation, over seeds), the effect per
+generation in report.md, and report_generations.csv (sublim/report/generations.py).
+
 Misalignment jobs (eval=misalignment) get their own table, report_misalignment.csv and
 misalignment.png (treatment - control misaligned-answer rate per seed).
 
@@ -24,12 +27,14 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from sublim.report import generations
 from sublim.report.effects import MISALIGNMENT_METRICS, PREFERENCE_METRICS, chart
 from sublim.report.jobs import MISALIGNMENT_TAIL, PREFERENCE_TAIL, collect, collect_misalignment, columns
 from sublim.report.matrix import matrix_markdown, plot_matrix, trait_target_matrices
 from sublim.report.tables import chart_note, markdown, misalignment_markdown, write_csv
 
-__all__ = ["ReportCallback", "collect", "collect_misalignment", "main", "trait_target_matrices", "write_report"]
+__all__ = ["ReportCallback", "collect", "collect_misalignment", "main", "trait_target_matrices",
+           "write_job_generations", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +55,7 @@ def write_report(sweep_dir: Path) -> Path | None:
         table += (f"\n{misalignment_markdown(misaligned)}\n\n"
                   f"{chart_note('misalignment.png', MISALIGNMENT_METRICS, drawn)}\n")
         write_csv(sweep_dir / "report_misalignment.csv", columns(misaligned, MISALIGNMENT_TAIL), misaligned)
+    table += "".join(f"\n{section}\n" for section in write_generations(sweep_dir, rows, misaligned).values())
     entries = trait_target_matrices(rows)
     n_tests = sum(e["test"] is not None for e in entries)
     sections = []
@@ -64,6 +70,26 @@ def write_report(sweep_dir: Path) -> Path | None:
     _log_wandb(sweep_dir, rows, misaligned)
     print(f"\n{table}\n{specificity}\nreport: {sweep_dir / 'report.md'}", flush=True)
     return sweep_dir / "report.md"
+
+
+def write_generations(out: Path, rows: list[dict], misaligned: list[dict]) -> dict[Path, str]:
+    """For chained jobs: generations[_misalignment].png and report_generations[_misalignment].csv in ``out``;
+    each chart's path -> its report.md section."""
+    sections = {}
+    for chain_rows, metrics, suffix in ((rows, PREFERENCE_METRICS, ""),
+                                        (misaligned, MISALIGNMENT_METRICS, "_misalignment")):
+        if generations.chained(chain_rows):
+            image = out / f"generations{suffix}.png"
+            generations.plot(chain_rows, metrics, image)
+            sections[image] = generations.markdown(chain_rows, metrics, image.name)
+            write_csv(out / f"report_generations{suffix}.csv", generations.CSV_COLUMNS,
+                      generations.csv_rows(chain_rows, metrics))
+    return sections
+
+
+def write_job_generations(job_dir: Path) -> list[Path]:
+    """A chained job's own generations chart and CSV (the sweep report draws the same over its jobs)."""
+    return list(write_generations(job_dir, collect(job_dir), collect_misalignment(job_dir)))
 
 
 def _log_wandb(sweep_dir: Path, rows: list[dict], misaligned: list[dict]) -> None:
@@ -85,6 +111,8 @@ def _log_wandb(sweep_dir: Path, rows: list[dict], misaligned: list[dict]) -> Non
                 names = columns(table_rows, tail)
                 table = wandb.Table(columns=names, data=[[r[c] for c in names] for r in table_rows])
                 run.log({f"report/{name}table": table, f"report/{name}chart": wandb.Image(str(sweep_dir / image))})
+        for image in sorted(sweep_dir.glob("generations*.png")):
+            run.log({f"report/{image.stem}": wandb.Image(str(image))})
     finally:
         run.finish()
 

@@ -96,7 +96,7 @@ def chart(rows: list[dict], metrics: tuple[Metric, ...], path: Path) -> dict[str
     """
     panels = {m.name: effects(rows, m) for m in metrics}
     shown = [m for m in metrics if informative(panels[m.name])] or [metrics[0]]
-    labels = _labels(panels[shown[0].name])
+    labels = panel_labels(panels[shown[0].name])
     width = max(4.5, 1.3 * len(labels) + 1.5)
     fig = Figure(figsize=(width * len(shown), 5.4))
     axes = fig.subplots(1, len(shown), squeeze=False)[0]
@@ -111,7 +111,7 @@ def chart(rows: list[dict], metrics: tuple[Metric, ...], path: Path) -> dict[str
 SHORT = {"teacher_base": "teacher", "base": "student"}
 
 
-def _labels(panel: list[Effect]) -> list[str]:
+def panel_labels(panel: list[Effect]) -> list[str]:
     """The trait, the setting fields that tell the panel's groups apart, and the number of seeds."""
     settings = [dict(e.setting) for e in panel]
     keys = [k for k in dict.fromkeys(k for s in settings for k in s) if len({s.get(k) for s in settings}) > 1]

@@ -152,7 +152,8 @@ def _row(job: Job) -> dict:
     return {"job": job.name, **{k: r[k] for k in HEAD[1:]}, **job.varying, "seed": seed,
             "n": r["arms"]["treatment"]["n_train"], "_arms": r["arms"],
             "_logger": r.get("config", {}).get("logger", {}), "_setting": setting, "_varying": list(job.varying),
-            "_seed": seed}  # what the matrix and charts group replicates by (older than the seed column)
+            "_seed": seed,  # what the matrix and charts group replicates by (older than the seed column)
+            "_generations": r.get("generations")}
 
 
 def _adjust(rows: list[dict], *p_columns: str) -> list[dict]:
