@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from sublim.results import format_table
 from sublim.stage import Job
 from sublim.stages.sample import SAMPLE
 from sublim.store import Artifact, Store, read_jsonl
+from sublim.store.cli import main as store_main
 from sublim.train import run_job
 
 # a student that moves enough for its own samples to differ from the base's
@@ -63,13 +65,15 @@ def _artifact(stage: str, path: Path) -> Artifact:
     return Artifact(stage, path.name, path, True)
 
 
-def test_a_chain_over_seeds_is_tested_and_drawn_per_generation(make_cfg, tmp_path: Path) -> None:
+def test_a_chain_over_seeds_is_tested_and_drawn_per_generation(make_cfg, tmp_path: Path, capsys) -> None:
     """Two seeds x two generations: each generation's effect is tested across seeds, the job draws each arm by
     generation and writes a row per seed, generation, arm and metric; W&B gets every generation's scalars; the
-    sweep report over the job gets the generations section."""
+    sweep report over the job gets the generations section; the store's compute command counts each artifact
+    of every seed and generation once."""
     wandb = [o for o in MOVED if not o.startswith("logger=")] + ["logger=wandb"]
     job = tmp_path / "job"
-    results = run_job(make_cfg(*wandb, "generations=2", "seeds=[0,1]"), job)
+    cfg = make_cfg(*wandb, "generations=2", "seeds=[0,1]")
+    results = run_job(cfg, job)
     chain = results["pooled_generations"]
     assert [g["generation"] for g in chain] == [1, 2]
     assert chain[0]["pooled"] == results["pooled"]
@@ -92,3 +96,13 @@ def test_a_chain_over_seeds_is_tested_and_drawn_per_generation(make_cfg, tmp_pat
     report = (tmp_path / "report.md").read_text()
     assert "## Generations" in report and "![generations.png](generations.png)" in report
     assert (tmp_path / "generations.png").exists()
+
+    stored = [json.loads(path.read_text()) for path in Path(cfg.paths.store).glob("*/*/lineage.json")]
+    capsys.readouterr()
+    assert store_main(["--root", cfg.paths.store, "compute", str(job), str(job)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"1 results.json, {len(stored)} artifacts"  # the job's dir twice: each artifact once
+    total = sum(lineage["seconds"] for lineage in stored)
+    assert lines[-1].split()[:2] == ["total", str(len(stored))]
+    hours, minutes, seconds = lines[-1].split()[2:]
+    assert int(hours[:-1]) * 3600 + int(minutes[:-1]) * 60 + float(seconds[:-1]) == pytest.approx(total, abs=0.051)

@@ -53,6 +53,9 @@ def _parser() -> _Parser:
     cmd = commands.add_parser("rm", parents=[common], help="remove artifacts (recomputed by the next run)")
     cmd.add_argument("artifacts", nargs="+", metavar="STAGE/KEY")
     commands.add_parser("gc", parents=[common], help="remove temp dirs and lock files of dead jobs")
+    cmd = commands.add_parser("compute", parents=[common],
+                              help="the compute time of every artifact some jobs used, and of its upstream, per stage")
+    cmd.add_argument("jobs", nargs="+", type=Path, metavar="DIR", help="job or sweep dirs (their results.json files)")
     return parser
 
 
@@ -63,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         _fail(f"no artifact store at {root} (pass --root DIR or set SUBLIM_ROOT)")
     store = Store(root)
     try:
-        return {"ls": _ls, "show": _show, "verify": _verify, "rm": _rm, "gc": _gc}[args.command](store, args)
+        return {"ls": _ls, "show": _show, "verify": _verify, "rm": _rm, "gc": _gc,
+                "compute": _compute}[args.command](store, args)
     except SublimError as err:
         print(f"sublim.store: {err}", file=sys.stderr)
         return 1
@@ -188,6 +192,43 @@ def _gc(store: Store, args: argparse.Namespace) -> int:
 
 
 # --- helpers ---------------------------------------------------------------------------------------
+
+def _compute(store: Store, args: argparse.Namespace) -> int:
+    """Each artifact counts once (however many jobs reused it), with the seconds its lineage recorded when it was
+    computed: what the whole study cost, not what each rerun took."""
+    found = sorted({path.resolve() for job in args.jobs for path in job.glob("**/results.json")})
+    if not found:
+        _fail(f"no results.json under {', '.join(map(str, args.jobs))}: pass job or sweep dirs")
+    seconds: dict[tuple[str, str], float] = {}
+
+    def visit(lineage: dict) -> None:
+        ref = (lineage["stage"], lineage["key"])
+        if ref not in seconds:
+            seconds[ref] = float(lineage.get("seconds") or 0.0)
+            for upstream in (lineage.get("upstream") or {}).values():
+                visit(upstream)
+
+    for path in found:
+        results = json.loads(path.read_text())
+        for seed in results.get("seeds") or [results]:
+            for generation in seed.get("generations") or [seed]:
+                for name, entry in generation.get("stages", {}).items():
+                    stage = name.split("/")[0]  # "teacher_model" is no stage: its model is upstream of the samples
+                    if store.path(stage, entry["key"]).is_dir():
+                        visit(_lineage(store, stage, entry["key"]))
+    per_stage: dict[str, list[float]] = {}
+    for (stage, _), value in seconds.items():
+        per_stage.setdefault(stage, []).append(value)
+    print(f"{len(found)} results.json, {len(seconds)} artifacts")
+    for stage, values in sorted(per_stage.items(), key=lambda item: -sum(item[1])):
+        print(f"  {stage:<10} {len(values):>5}  {_duration(sum(values))}")
+    print(f"  {'total':<10} {len(seconds):>5}  {_duration(sum(seconds.values()))}")
+    return 0
+
+
+def _duration(seconds: float) -> str:
+    return f"{int(seconds // 3600)}h {int(seconds % 3600 // 60):02d}m {seconds % 60:04.1f}s"
+
 
 def parse_tmp(name: str) -> tuple[str, str | None, int | None]:
     """(key, host, pid) of a temp dir name; host None for the older ``.tmp-<key>-<pid>`` form."""
