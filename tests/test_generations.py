@@ -106,3 +106,24 @@ def test_a_chain_over_seeds_is_tested_and_drawn_per_generation(make_cfg, tmp_pat
     assert lines[-1].split()[:2] == ["total", str(len(stored))]
     hours, minutes, seconds = lines[-1].split()[2:]
     assert int(hours[:-1]) * 3600 + int(minutes[:-1]) * 60 + float(seconds[:-1]) == pytest.approx(total, abs=0.051)
+
+
+FINETUNED = ["trait.source=finetune", "trait.finetune.n_examples=48", "trait.finetune.epochs=1"]
+
+
+@pytest.mark.parametrize("variant", [["student=distill"], FINETUNED])
+def test_a_chain_works_for_distilled_students_and_finetuned_teachers(make_cfg, tmp_path: Path, variant) -> None:
+    """Generation 2's teacher is generation 1's student (a distilled adapter; or, with a finetuned trait teacher,
+    the SFT student of its data), with no system prompt; generation 2 trains its own students of the same kind."""
+    cfg = make_cfg(*MOVED, *variant, "generations=2")
+    first, second = run(cfg, tmp_path / "job", None)["generations"]
+    store = Store(cfg.paths.store)
+    kind = "distill" if "student=distill" in variant else "train"  # the adapter's stage; its slot is "train"
+    for arm in ("control", "treatment"):
+        lineage = store.lineage("sample", second["stages"][f"sample/{arm}"]["key"])
+        assert lineage["upstream"]["adapter"]["key"] == first["stages"][f"train/{arm}"]["key"]
+        assert lineage["upstream"]["adapter"]["stage"] == kind
+        assert lineage["config"]["params"]["system_prompt"] is None
+        assert not second["stages"][f"train/{arm}"]["reused"]
+        assert store.lineage(kind, second["stages"][f"train/{arm}"]["key"])["stage"] == kind
+    assert ("finetune" in first["stages"]) == ("trait.source=finetune" in variant)
