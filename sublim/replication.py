@@ -30,14 +30,32 @@ def seed_test(effects: list[float], level: float = 0.95) -> dict:
     n, ci = len(effects), mean_ci(effects, level)
     flip = paired_permutation_test(effects, [0.0] * n, n_resamples=2**n).p_value if n <= EXACT_SEEDS else None
     out = {"effects": effects, "n_seeds": n, "mean": ci.mean, "low": None, "high": None, "p_value": None,
-           "p_sign_flip": flip, "test": T_TEST, "unit": "seed"}
+           "p_sign_flip": flip, "sd": None, "mde": None, "test": T_TEST, "unit": "seed"}
     if n < 2:
         return out
-    se = stats.tstd(effects) / math.sqrt(n)
+    sd = float(stats.tstd(effects))
+    se = sd / math.sqrt(n)
     p = float(2 * stats.t.sf(abs(ci.mean / se), n - 1)) if se else (1.0 if ci.mean == 0 else 0.0)
-    return out | {"low": ci.low, "high": ci.high, "p_value": p}
+    return out | {"low": ci.low, "high": ci.high, "p_value": p, "sd": sd,
+                  "mde": minimum_detectable_effect(sd, n)}  # post hoc: what these seeds' spread could detect
 
 
 def pooled(per_seed_effects: list[dict[str, float]]) -> dict[str, dict]:
     """Every metric's across-seed test, from each seed's effects."""
     return {metric: seed_test([effects[metric] for effects in per_seed_effects]) for metric in per_seed_effects[0]}
+
+
+def minimum_detectable_effect(sd: float, n_seeds: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest per-seed mean effect that a one-sided one-sample t-test over ``n_seeds`` seeds detects at
+    ``alpha`` with probability ``power``, for per-seed effects of standard deviation ``sd``: the usual
+    (t(1-alpha) + t(power)) sd / sqrt(n) with df = n - 1 (the normal approximation's t-quantile form; it is what
+    sizes a study from a pilot's spread, not an exact noncentral-t power)."""
+    if n_seeds < 2:
+        raise ValueError(f"a t-test needs at least 2 seeds, got {n_seeds}")
+    df = n_seeds - 1
+    return float((stats.t.ppf(1 - alpha, df) + stats.t.ppf(power, df)) * sd / math.sqrt(n_seeds))
+
+
+def seeds_needed(sd: float, effect: float, choices: range, alpha: float = 0.05, power: float = 0.8) -> int:
+    """The fewest seeds of ``choices`` whose minimum detectable effect is <= ``effect``; the most if none is."""
+    return next((k for k in choices if minimum_detectable_effect(sd, k, alpha, power) <= effect), choices[-1])

@@ -80,10 +80,12 @@ def write_results(job_dir: Path, results: dict) -> None:
     if "pooled" in results:
         with open(job_dir / "pooled.csv", "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["metric", "n_seeds", "mean", "low", "high", "p_value", "p_sign_flip", "effects"])
+            writer.writerow(["metric", "n_seeds", "mean", "low", "high", "p_value", "p_sign_flip", "sd", "mde",
+                             "effects"])
             for metric, test in results["pooled"].items():
                 writer.writerow([metric, test["n_seeds"], test["mean"], test["low"], test["high"], test["p_value"],
-                                 test["p_sign_flip"], " ".join(f"{e:.6g}" for e in test["effects"])])
+                                 test["p_sign_flip"], test.get("sd"), test.get("mde"),
+                                 " ".join(f"{e:.6g}" for e in test["effects"])])
 
 
 def format_audit(results: dict) -> str:
@@ -126,7 +128,8 @@ def format_table(results: dict) -> str:
         return f"{_seed_table(results)}\n\n{ONE_SEED}"
     blocks = [f"seed {r['seed']}\n{_seed_table(r)}" for r in results["seeds"]]
     lines = [f"treatment vs control across {len(results['seeds'])} seeds (the unit of replication; "
-             "per-seed effects, mean [95% t CI], t-test p, exact sign-flip p):"]
+             "per-seed effects, mean [95% t CI], t-test p, exact sign-flip p; MDE: the effect a one-sided t-test "
+             "at 0.05 would detect with 80% power given these seeds' spread):"]
     chain = results.get("pooled_generations") or [{"generation": None, "pooled": results["pooled"]}]
     for generation in chain:
         if generation["generation"] is not None:
@@ -135,7 +138,7 @@ def format_table(results: dict) -> str:
             effects = ", ".join(f"{e:+.3g}" for e in test["effects"])
             lines.append(f"  {metric:<22} {test['mean']:+.3g} [{test['low']:+.3g}, {test['high']:+.3g}]  "
                          f"p={format_p(test['p_value'])}  sign-flip p={format_p(test['p_sign_flip'])}  "
-                         f"(seeds: {effects})")
+                         f"(seeds: {effects}){_detectable(test)}")
     return "\n\n".join(blocks) + "\n\n" + "\n".join(lines)
 
 
@@ -152,6 +155,11 @@ def _flat(kind: EvalKind, results: dict, prefix: str) -> dict[str, float]:
                  audit["answer_shift"]["mean"], f"{prefix}audit/{arm}/lls_plain": audit["lls_plain"]["mean"],
                  f"{prefix}audit/{arm}/divergence": audit["divergence_fraction"]}
     return flat
+
+
+def _detectable(test: dict) -> str:
+    """What a null could have seen: the effect these seeds' spread detects with 80% power (one-sided, 0.05)."""
+    return f"  MDE {test['mde']:.3g}" if test.get("mde") is not None else ""
 
 
 def track(tracker: Tracker, results: dict, store: Store) -> None:

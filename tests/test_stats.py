@@ -174,3 +174,17 @@ def test_diagonal_permutation_test_random_draws_and_bad_input() -> None:
         diagonal_permutation_test(_matrices(1.0, 0), [0, 0, 1])
     with pytest.raises(ValueError, match="at least 2 traits"):
         diagonal_permutation_test(np.zeros((2, 1, 3)), [0])
+
+
+def test_minimum_detectable_effect_and_seeds_needed() -> None:
+    """(t(0.95, k-1) + t(0.80, k-1)) sd / sqrt(k), by hand from t tables; more seeds detect smaller effects."""
+    from sublim.replication import minimum_detectable_effect, seeds_needed
+
+    # t(0.95, 2) = 2.919986, t(0.80, 2) = 1.060660; t(0.95, 5) = 2.015048, t(0.80, 5) = 0.919544
+    assert minimum_detectable_effect(0.3, 3) == pytest.approx((2.919986 + 1.060660) * 0.3 / 3 ** 0.5, rel=1e-5)
+    assert minimum_detectable_effect(0.3, 6) == pytest.approx((2.015048 + 0.919544) * 0.3 / 6 ** 0.5, rel=1e-5)
+    assert seeds_needed(0.25, 0.405, range(3, 7)) == 5  # MDE(4) = 0.4165, MDE(5) = 0.3436
+    assert seeds_needed(0.1, 0.405, range(3, 7)) == 3
+    assert seeds_needed(2.0, 0.405, range(3, 7)) == 6, "none reaches it: the most"
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        minimum_detectable_effect(0.3, 1)
