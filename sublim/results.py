@@ -159,7 +159,7 @@ def _flat(kind: EvalKind, results: dict, prefix: str) -> dict[str, float]:
 
 def _detectable(test: dict) -> str:
     """What a null could have seen: the effect these seeds' spread detects with 80% power (one-sided, 0.05)."""
-    return f"  MDE {test['mde']:.3g}" if test.get("mde") is not None else ""
+    return f"  MDE {test['mde']:.3g}" if test.get("sd") else ""  # no spread (every seed 0): no t-test to size
 
 
 def track(tracker: Tracker, results: dict, store: Store) -> None:
