@@ -80,12 +80,13 @@ def write_results(job_dir: Path, results: dict) -> None:
     if "pooled" in results:
         with open(job_dir / "pooled.csv", "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["metric", "n_seeds", "mean", "low", "high", "p_value", "p_sign_flip", "sd", "mde",
-                             "effects"])
-            for metric, test in results["pooled"].items():
-                writer.writerow([metric, test["n_seeds"], test["mean"], test["low"], test["high"], test["p_value"],
-                                 test["p_sign_flip"], test.get("sd"), test.get("mde"),
-                                 " ".join(f"{e:.6g}" for e in test["effects"])])
+            writer.writerow(["generation", "metric", "n_seeds", "mean", "low", "high", "p_value", "p_sign_flip", "sd",
+                             "mde", "effects"])
+            for generation in results.get("pooled_generations") or [{"generation": 1, "pooled": results["pooled"]}]:
+                for metric, test in generation["pooled"].items():
+                    writer.writerow([generation["generation"], metric, test["n_seeds"], test["mean"], test["low"],
+                                     test["high"], test["p_value"], test["p_sign_flip"], test.get("sd"),
+                                     test.get("mde"), " ".join(f"{e:.6g}" for e in test["effects"])])
 
 
 def format_audit(results: dict) -> str:

@@ -83,6 +83,9 @@ def test_a_chain_over_seeds_is_tested_and_drawn_per_generation(make_cfg, tmp_pat
     assert chain[1]["pooled"]["log_probability_ratio"]["effects"] == pytest.approx(effects)
     assert chain[1]["pooled"]["log_probability_ratio"]["n_seeds"] == 2
     assert " generation 2\n  log_probability_ratio" in format_table(results)
+    pooled = {(r["generation"], r["metric"]): r for r in csv.DictReader(open(job / "pooled.csv"))}
+    assert float(pooled["2", "log_probability_ratio"]["mean"]) == pytest.approx(
+        chain[1]["pooled"]["log_probability_ratio"]["mean"])
     rows = list(csv.DictReader(open(job / "report_generations.csv")))
     assert len(rows) == 2 * 2 * 3 * 2  # seeds x generations x arms x metrics
     [row] = [r for r in rows if (r["seed"], r["generation"], r["arm"], r["metric"]) == ("1", "2", "treatment",
