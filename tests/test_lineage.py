@@ -19,9 +19,9 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """A two-generation tiny job: generation 2's teachers are generation 1's students."""
+    """A three-generation tiny job: generation k's teachers are generation k-1's students."""
     root = tmp_path_factory.mktemp("lineage")
-    results = run(compose_config([f"paths.root={root}", "base=tiny_llama", *TINY, "generations=2"]), root / "job",
+    results = run(compose_config([f"paths.root={root}", "base=tiny_llama", *TINY, "generations=3"]), root / "job",
                   None)
     return root / "job", results
 
@@ -33,11 +33,11 @@ def _root(lineage: Lineage, label: str) -> Node:
 def test_the_tree_of_a_job_reaches_the_base_weights_hash_through_every_generation(job) -> None:
     job_dir, results = job
     lineage = load(str(job_dir), None)
-    first, second = (_root(lineage, f"gen{g} train/treatment") for g in (1, 2))
-    # train -> data: filter -> samples: sample -> model; generation 2's sample also has adapter: the gen-1 student
-    assert depth(first, "model") == 3
-    assert depth(second, "model") == 6
+    first, second, third = (_root(lineage, f"gen{g} train/treatment") for g in (1, 2, 3))
+    # train -> data: filter -> samples: sample -> model; generation k's sample also has adapter: the k-1 student
+    assert [depth(node, "model") for node in (first, second, third)] == [3, 6, 9]
     assert second.upstream["data"].upstream["samples"].upstream["adapter"] is first
+    assert third.upstream["data"].upstream["samples"].upstream["adapter"] is second
     model = first.upstream["model"]
     weights = model.lineage["files"]["model.safetensors"]["sha256"]
     lines = render(lineage)
