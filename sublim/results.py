@@ -15,7 +15,7 @@ from sublim.evals import ARMS, EVAL_ARMS, EVALS, EvalKind
 from sublim.replication import pooled
 from sublim.stage import Job
 from sublim.stats import format_p
-from sublim.store import Artifact, Store, read_jsonl, write_json
+from sublim.store import Artifact, Store, read_jsonl, result_stages, write_json
 from sublim.tracking import Tracker
 
 POOLED_FIELDS = ("mean", "low", "high", "p_value", "n_seeds")
@@ -185,9 +185,7 @@ def track(tracker: Tracker, results: dict, store: Store) -> None:
     tracker.summary(flat)
     if "generations" in _seeds(results)[0]:
         tracker.table("generations", by_generation)
-    tracker.artifacts(store, [(name.split("/")[0], stage["key"]) for seed in _seeds(results)
-                              for generation in seed.get("generations") or [seed]
-                              for name, stage in generation["stages"].items()])
+    tracker.artifacts(store, result_stages(results))
     first = _seeds(results)[0]["stages"]
     tracker.table("teacher_samples", [
         {"arm": arm, "prompt": r["prompt"], "completion": r["completion"]}

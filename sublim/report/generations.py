@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 
 from sublim.replication import seed_test
 from sublim.report.effects import FLOOR, Metric, effects, log_ratio, panel_labels
+from sublim.report.tables import markdown_table
 from sublim.stats import format_p, mean_ci
 
 ARM_STYLE = {"treatment": ("#c44e52", "-"), "control": ("#4c72b0", "-"), "base": ("#7f7f7f", ":")}
@@ -115,13 +116,11 @@ def markdown(rows: list[dict], metrics: tuple[Metric, ...], image: str) -> str:
                 p = f", p={format_p(test['p_value'])}" if test["p_value"] is not None else ""
                 cells.append(f"{effect.mean:+.3g} [{effect.low:+.3g}, {effect.high:+.3g}]{p}")
             lines.append([panel[0].trait, str(generation), str(len(panel[0].values)), *cells])
-    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(c) + " |"
-                                                                            for c in lines)]
     note = (f"![{image}]({image})\n\n{image}: each arm's chain by generation (generation k's teacher is generation "
             "k-1's student of the same arm, without a system prompt); mean over seeds with a 95% t band, P(target) "
             "as a geometric mean. Effects as in the chart above (P: log(treatment P / control P)); p: t-test across "
             "seeds, the unit of replication.")
-    return "\n".join(["## Generations", "", *table, "", note])
+    return "\n".join(["## Generations", "", *markdown_table(header, lines), "", note])
 
 
 def csv_rows(rows: list[dict], metrics: tuple[Metric, ...]) -> list[dict]:

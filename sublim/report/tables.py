@@ -14,7 +14,7 @@ P_NOTE = ("p: paired permutation test over questions of one seed's treatment vs 
           "rate), correcting over this table's {n} row(s), i.e. every job and seed of the sweep, {family}.")
 
 
-def _table(header: list[str], lines: list[list[str]]) -> list[str]:
+def markdown_table(header: list[str], lines: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(c) + " |"
                                                                              for c in lines]
 
@@ -40,7 +40,7 @@ def markdown(rows: list[dict]) -> str:
               f"{r['control_p']:.3g}", f"{r['treatment_p']:.3g}", _interval(r, "delta_p", "+.3g"),
               format_p(r["p_p"]), format_p(r["p_p_bh"])] for r in rows]
     note = P_NOTE.format(n=len(rows), family="the rate and the P tests each a family of their own")
-    return "\n".join([*_table(header, lines), "", note])
+    return "\n".join([*markdown_table(header, lines), "", note])
 
 
 def misalignment_markdown(rows: list[dict]) -> str:
@@ -52,7 +52,7 @@ def misalignment_markdown(rows: list[dict]) -> str:
               _interval(r, "delta_misaligned", "+.3f"), format_p(r["p_misaligned"]), format_p(r["p_misaligned_bh"])]
              for r in rows]
     note = P_NOTE.format(n=len(rows), family="the misaligned-rate tests")
-    return "\n".join(["## Misalignment (eval=misalignment)", "", *_table(header, lines), "", note])
+    return "\n".join(["## Misalignment (eval=misalignment)", "", *markdown_table(header, lines), "", note])
 
 
 def chart_note(image: str, metrics: tuple[Metric, ...], drawn: dict[str, list[Effect]]) -> str:

@@ -304,6 +304,13 @@ class Store:
         return list(read_jsonl(path, skip_bad=True)) if path.exists() else []
 
 
+def result_stages(results: dict) -> list[tuple[str, str]]:
+    """(stage, key) of every artifact a job's results.json names, over its seeds and generations. A name's stage is
+    its first part ("sample/treatment" -> sample); "teacher_model" is no stage dir (its model is upstream)."""
+    return [(name.split("/")[0], entry["key"]) for seed in results.get("seeds") or [results]
+            for generation in seed.get("generations") or [seed] for name, entry in generation.get("stages", {}).items()]
+
+
 def file_records(directory: Path) -> dict[str, dict]:
     """{relative path: {size, sha256}} of every file under ``directory`` except lineage.json."""
     records = {}

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from sublim import SublimError
-from sublim.store import LINEAGE, LOCKS, Store, check_files, default_root, tmp_name
+from sublim.store import LINEAGE, LOCKS, Store, check_files, default_root, result_stages, tmp_name
 from sublim.store.lock import HOST, LOCK_TIMEOUT, lock_owner, pid_alive, take_over
 
 TMP_MAX_AGE = 86400.0  # another host's temp dir this old is abandoned (its pid cannot be checked from here)
@@ -209,13 +209,9 @@ def _compute(store: Store, args: argparse.Namespace) -> int:
                 visit(upstream)
 
     for path in found:
-        results = json.loads(path.read_text())
-        for seed in results.get("seeds") or [results]:
-            for generation in seed.get("generations") or [seed]:
-                for name, entry in generation.get("stages", {}).items():
-                    stage = name.split("/")[0]  # "teacher_model" is no stage: its model is upstream of the samples
-                    if store.path(stage, entry["key"]).is_dir():
-                        visit(_lineage(store, stage, entry["key"]))
+        for stage, key in result_stages(json.loads(path.read_text())):
+            if store.path(stage, key).is_dir():
+                visit(_lineage(store, stage, key))
     per_stage: dict[str, list[float]] = {}
     for (stage, _), value in seconds.items():
         per_stage.setdefault(stage, []).append(value)
