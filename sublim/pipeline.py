@@ -32,6 +32,7 @@ from sublim.stages.model import model_artifact
 from sublim.stages.prompts import PROMPTS
 from sublim.stages.sample import SAMPLE, preflight
 from sublim.store import Artifact, Store
+from sublim.store.provenance import write_provenance
 from sublim.students import STUDENTS, Arm
 from sublim.tracking import Tracker
 
@@ -103,6 +104,7 @@ def run(cfg: DictConfig, job_dir: Path, tracker: Tracker | None) -> dict:
     results = replicate(cfg, per_seed) if len(seeds) > 1 else per_seed[0]
     write_results(job_dir, results)
     store = Store(cfg.paths.store, verify=cfg.store.verify)
+    write_provenance(job_dir, results, store)
     write_job_plots(results, store, job_dir, tracker)
     if cfg.generations > 1:
         for image in write_job_generations(job_dir):
@@ -198,5 +200,6 @@ def run_generation(job: Job, model: Artifact, teacher: Artifact, adapters: dict[
     stages |= {f"{art.stage}/{arm}": art for slot in outputs.values() for arm, art in slot.items()}
     results = summarise(job, n_train, reports, students, outputs)
     results["audit"] = {arm: art.read_json("summary.json") for arm, art in audits.items()}
-    results["stages"] = {name: {"key": art.key, "reused": art.reused} for name, art in stages.items()}
+    results["stages"] = {name: {"stage": art.stage, "key": art.key, "reused": art.reused}
+                         for name, art in stages.items()}
     return results, students

@@ -110,6 +110,22 @@ def test_a_chain_over_seeds_is_tested_and_drawn_per_generation(make_cfg, tmp_pat
     hours, minutes, seconds = lines[-1].split()[2:]
     assert int(hours[:-1]) * 3600 + int(minutes[:-1]) * 60 + float(seconds[:-1]) == pytest.approx(total, abs=0.051)
 
+    provenance = json.loads((job / "provenance.json").read_text())
+    assert {(s["seed"], s["generation"]) for s in provenance["stages"]} == {(0, 1), (0, 2), (1, 1), (1, 2)}
+    assert len(provenance["artifacts"]) == len(stored), "every artifact the job used, upstream included, once"
+    trained = next(s["artifact"] for s in provenance["stages"] if s["name"] == "train/treatment")
+    record = provenance["artifacts"][trained]
+    assert record["code"]["hash"] and record["env"]["torch"] and len(record["content"]) == 16
+    gone = Path(cfg.paths.store).rename(tmp_path / "gone")  # the store cleaned: provenance.json still counts
+    (gone / "x").mkdir()
+    assert store_main(["--root", str(gone / "x"), "compute", str(job)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == lines[-1]
+    (job / "provenance.json").unlink()
+    assert store_main(["--root", str(gone / "x"), "provenance", str(job)]) == 1, "the store no longer has them"
+    assert "no longer holds" in capsys.readouterr().err
+    assert store_main(["--root", str(gone), "provenance", str(job)]) == 0
+    assert json.loads((job / "provenance.json").read_text()) == provenance
+
 
 FINETUNED = ["trait.source=finetune", "trait.finetune.n_examples=48", "trait.finetune.epochs=1"]
 

@@ -4,6 +4,7 @@ complete seeds, Benjamini-Hochberg q beside p, the effect charts and the misalig
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 from pathlib import Path
@@ -15,7 +16,7 @@ from scipy import stats
 
 from sublim.report import collect, collect_misalignment, trait_target_matrices, write_report
 from sublim.report.effects import MISALIGNMENT_METRICS, PREFERENCE_METRICS, chart
-from sublim.stats import bh_adjust
+from sublim.stats import bh_adjust, format_p
 from tests.conftest import compose_config
 
 TRAITS = ("owl", "eagle", "dolphin")
@@ -214,6 +215,51 @@ def test_the_chart_plots_log_ratios_with_t_intervals_over_seeds(tmp_path: Path) 
         assert effect.reference == pytest.approx(math.log(1 / 4))
     report = write_report(sweep).read_text()
     assert "![report.png](report.png)" in report and "Left out, every value 0: sampled trait rate." in report
+    across = report.split("## Across seeds")[1]
+    for i, trait in enumerate(TRAITS):
+        logs = np.log(factors[:, i])
+        [line] = [line for line in across.splitlines() if f"| {trait} | 3 |" in line]
+        cells = [c.strip() for c in line.split("|")]
+        assert float(cells[6]) == pytest.approx(logs.mean(), abs=5e-4)
+        assert cells[8] == format_p(stats.ttest_1samp(logs, 0).pvalue)
+        flips = [abs((logs * signs).mean()) for signs in itertools.product((1, -1), repeat=3)]
+        assert cells[9] == format_p(np.mean([f >= abs(logs.mean()) - 1e-12 for f in flips]))
+
+
+def _provenance(job: Path, seed: int, control: tuple[str, str], code: str = "c0ffee") -> None:
+    """A provenance.json naming the seed's control student (key, files) and the job's own treatment student."""
+    key, content = control
+    record = {"code": {"version": 1, "hash": code}, "created": f"2026-12-0{seed + 1}T10:00:00", "seconds": 60.0,
+              "host": f"host{seed}", "env": {"git_commit": f"commit{seed}", "torch": "2.13.0"}, "upstream": []}
+    artifacts = {f"train/{key}": record | {"content": content},
+                 f"train/t{job.name}": record | {"content": f"x{job.name}"}}
+    stages = [{"seed": seed, "generation": 1, "name": f"train/{arm}", "artifact": ref}
+              for arm, ref in zip(("control", "treatment"), artifacts, strict=True)]
+    (job / "provenance.json").write_text(json.dumps({"format": 1, "stages": stages, "artifacts": artifacts}))
+
+
+def test_seeds_pooled_from_two_sittings_are_checked_for_code_and_shared_files(tmp_path: Path) -> None:
+    """Seed 0 (owl, eagle) in one sitting, seed 1 in another, under one parent: the report pools them, says what
+    computed them, and flags a stage that ran other code or a shared control whose files differ."""
+    rng = np.random.default_rng(0)
+    jobs = {(trait, seed): _write(tmp_path / f"sitting{seed}", f"{i}_trait={trait}",
+                                  _results(trait, seed, "smollm2", _treatments(0.5, rng, trait)))
+            for seed in (0, 1) for i, trait in enumerate(TRAITS[:2])}
+    for (_, seed), job in jobs.items():
+        _provenance(job, seed, (f"control{seed}", f"files{seed}"))
+    report = write_report(tmp_path).read_text()
+    assert "4 of 4 job seeds recorded" in report and "host0, host1" in report and "commit0, commit1" in report
+    assert "Every stage ran the same code" in report and "Not computed alike" not in report
+
+    _provenance(jobs["eagle", 1], 1, ("control1", "files1"), code="beef")  # seed 1's eagle job: other train code
+    _provenance(jobs["eagle", 0], 0, ("control0", "other"))  # seed 0's control recomputed with other bits
+    (jobs["owl", 1] / "provenance.json").unlink()
+    section = write_report(tmp_path).read_text().split("## Provenance")[1]
+    assert "Not computed alike" in section
+    assert "stage `train` ran different code" in section and "v1:beef in sitting1/1_trait=eagle" in section
+    assert "artifact `train/control0` has different files" in section
+    assert "other in sitting0/1_trait=eagle" in section and "files0 in sitting0/0_trait=owl" in section
+    assert "Not checked (no provenance.json, older jobs): sitting1/0_trait=owl." in section
 
 
 def test_a_multi_seed_job_reports_like_a_sweep_over_seeds(tmp_path: Path) -> None:

@@ -15,6 +15,9 @@ misalignment.png (treatment - control misaligned-answer rate per seed).
 Specificity: when a sweep holds several traits of one setting, report.md also gets the trait x target
 matrix of log(treatment P / control P) over the seeds that have every trait, with a permutation test that
 the diagonal stands above its row and column, and matrix_<n>.png heatmaps.
+
+Provenance: whether the jobs were computed alike (the same stage code per setting; an artifact several jobs share
+is the same files in each), from each job's provenance.json, so seeds run in different sittings can be pooled.
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from sublim.report import generations
-from sublim.report.effects import MISALIGNMENT_METRICS, PREFERENCE_METRICS, chart
+from sublim.report.effects import MISALIGNMENT_METRICS, PREFERENCE_METRICS, Effect, Metric, chart
 from sublim.report.jobs import MISALIGNMENT_TAIL, PREFERENCE_TAIL, collect, collect_misalignment, columns
 from sublim.report.matrix import matrix_markdown, plot_matrix, trait_target_matrices
-from sublim.report.tables import chart_note, markdown, misalignment_markdown, write_csv
+from sublim.report.provenance import problems, provenance_markdown
+from sublim.report.tables import chart_note, markdown, misalignment_markdown, pooled_markdown, write_csv
 
 __all__ = ["ReportCallback", "collect", "collect_misalignment", "main", "trait_target_matrices",
            "write_job_generations", "write_report"]
@@ -49,11 +53,13 @@ def write_report(sweep_dir: Path) -> Path | None:
     if rows:
         drawn = chart(rows, PREFERENCE_METRICS, sweep_dir / "report.png")
         table += f"{markdown(rows)}\n\n{chart_note('report.png', PREFERENCE_METRICS, drawn)}\n"
+        table += _across_seeds(drawn, PREFERENCE_METRICS)
         write_csv(sweep_dir / "report.csv", columns(rows, PREFERENCE_TAIL), rows)
     if misaligned:
         drawn = chart(misaligned, MISALIGNMENT_METRICS, sweep_dir / "misalignment.png")
         table += (f"\n{misalignment_markdown(misaligned)}\n\n"
                   f"{chart_note('misalignment.png', MISALIGNMENT_METRICS, drawn)}\n")
+        table += _across_seeds(drawn, MISALIGNMENT_METRICS)
         write_csv(sweep_dir / "report_misalignment.csv", columns(misaligned, MISALIGNMENT_TAIL), misaligned)
     table += "".join(f"\n{section}\n" for section in write_generations(sweep_dir, rows, misaligned).values())
     entries = trait_target_matrices(rows)
@@ -66,10 +72,19 @@ def write_report(sweep_dir: Path) -> Path | None:
             section += f"\n\n![matrix](matrix_{n}.png)"
         sections.append(section)
     specificity = "".join(f"\n{section}\n" for section in sections)
-    (sweep_dir / "report.md").write_text(f"# Sweep report: {sweep_dir.name}\n\n{table}{specificity}")
+    for problem in problems(rows + misaligned):
+        log.warning("%s", problem)
+    provenance = f"\n{provenance_markdown(rows + misaligned)}\n"
+    (sweep_dir / "report.md").write_text(f"# Sweep report: {sweep_dir.name}\n\n{table}{specificity}{provenance}")
     _log_wandb(sweep_dir, rows, misaligned)
     print(f"\n{table}\n{specificity}\nreport: {sweep_dir / 'report.md'}", flush=True)
     return sweep_dir / "report.md"
+
+
+def _across_seeds(drawn: dict[str, list[Effect]], metrics: tuple[Metric, ...]) -> str:
+    """The across-seed tests, when some trait has more than one seed."""
+    replicated = any(len(e.values) > 1 for panel in drawn.values() for e in panel)
+    return f"\n{pooled_markdown(drawn, metrics)}\n" if replicated else ""
 
 
 def write_generations(out: Path, rows: list[dict], misaligned: list[dict]) -> dict[Path, str]:

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from sublim.stats import bh_adjust
+from sublim.store.provenance import read_provenance, seed_provenance
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class Job:
     name: str
     results: dict
     varying: dict[str, str]
+    provenance: dict[str, dict] | None = None  # this seed's stages (name -> artifact record); None: not recorded
 
 
 def columns(rows: list[dict], tail: list[str]) -> list[str]:
@@ -74,7 +76,9 @@ def jobs(sweep_dir: Path, kind: str) -> list[Job]:
     out = []
     for (job, results), varying in zip(loaded, varying_fields(loaded), strict=True):
         name = str(job.relative_to(sweep_dir))
-        out += [Job(f"{name} seed={r['seed']}" if results.get("seeds") else name, r, varying)
+        provenance = read_provenance(job)
+        out += [Job(f"{name} seed={r['seed']}" if results.get("seeds") else name, r, varying,
+                    seed_provenance(provenance, r.get("seed")) if provenance else None)
                 for r in per_seed(results) if _of_kind(r, kind)]
     return out
 
@@ -153,7 +157,7 @@ def _row(job: Job) -> dict:
             "n": r["arms"]["treatment"]["n_train"], "_arms": r["arms"],
             "_logger": r.get("config", {}).get("logger", {}), "_setting": setting, "_varying": list(job.varying),
             "_seed": seed,  # what the matrix and charts group replicates by (older than the seed column)
-            "_generations": r.get("generations")}
+            "_generations": r.get("generations"), "_provenance": job.provenance}
 
 
 def _adjust(rows: list[dict], *p_columns: str) -> list[dict]:

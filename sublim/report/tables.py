@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from sublim.replication import seed_test
 from sublim.report.effects import Effect, Metric
 from sublim.report.jobs import ARMS
+from sublim.report.matrix import setting_title as setting_label
 from sublim.stats import format_p
 
 P_NOTE = ("p: paired permutation test over questions of one seed's treatment vs control student (two trained "
@@ -53,6 +55,33 @@ def misalignment_markdown(rows: list[dict]) -> str:
              for r in rows]
     note = P_NOTE.format(n=len(rows), family="the misaligned-rate tests")
     return "\n".join(["## Misalignment (eval=misalignment)", "", *markdown_table(header, lines), "", note])
+
+
+def pooled_markdown(drawn: dict[str, list[Effect]], metrics: tuple[Metric, ...]) -> str:
+    """Per setting and trait, the across-seed test of each charted metric's effect: the seeds are the replicates,
+    so this, not a row's p, is the test of "training on this teacher's data moves the student"."""
+    lines = []
+    titles = {m.name: m for m in metrics}
+    for name, panel in drawn.items():
+        for effect in panel:
+            test = seed_test(effect.values)
+            ci = "-" if test["low"] is None else f"[{test['low']:+.3f}, {test['high']:+.3f}]"
+            lines.append([titles[name].ylabel.split("   ")[0], setting_label(effect.setting), effect.trait,
+                          str(test["n_seeds"]), ", ".join(f"{v:+.3f}" for v in effect.values),
+                          f"{test['mean']:+.3f}", ci, _p(test["p_value"]), _p(test["p_sign_flip"]),
+                          "-" if test["mde"] is None else f"{test['mde']:.3f}", f"{effect.reference:+.3f}"])
+    header = ["effect", "setting", "trait", "seeds", "per seed", "mean", "95% t CI", "t-test p", "sign-flip p",
+              "MDE", "base vs control"]
+    note = ("Across seeds: each seed's effect is one replicate (its own data draw, students and control). p: "
+            "two-sided one-sample t-test of the per-seed effects against 0 (df = seeds - 1) and the exact sign-flip "
+            "test; MDE: the effect these seeds' spread could detect (one-sided alpha 0.05, power 0.8; post hoc). "
+            "base vs control: the same effect of the base model against the control student (mean over seeds), "
+            "what training on the control's data did.")
+    return "\n".join(["## Across seeds", "", *markdown_table(header, lines), "", note])
+
+
+def _p(value: float | None) -> str:
+    return "-" if value is None else format_p(value)
 
 
 def chart_note(image: str, metrics: tuple[Metric, ...], drawn: dict[str, list[Effect]]) -> str:

@@ -304,11 +304,19 @@ class Store:
         return list(read_jsonl(path, skip_bad=True)) if path.exists() else []
 
 
+def named_stages(results: dict) -> Iterator[tuple[int | None, int, str, dict]]:
+    """(seed, generation, name, {key, reused}) of every stage a job's results.json names, over its seeds and
+    generations (1 when the job has no chain)."""
+    for seed in results.get("seeds") or [results]:
+        for generation, entry in enumerate(seed.get("generations") or [seed], start=1):
+            for name, stage in entry.get("stages", {}).items():
+                yield seed.get("seed"), generation, name, stage
+
+
 def result_stages(results: dict) -> list[tuple[str, str]]:
-    """(stage, key) of every artifact a job's results.json names, over its seeds and generations. A name's stage is
-    its first part ("sample/treatment" -> sample); "teacher_model" is no stage dir (its model is upstream)."""
-    return [(name.split("/")[0], entry["key"]) for seed in results.get("seeds") or [results]
-            for generation in seed.get("generations") or [seed] for name, entry in generation.get("stages", {}).items()]
+    """(stage, key) of every artifact a job's results.json names. Older results.json files record no stage: a
+    name's stage is then its first part ("sample/treatment" -> sample; "teacher_model" is no stage dir)."""
+    return [(entry.get("stage") or name.split("/")[0], entry["key"]) for _, _, name, entry in named_stages(results)]
 
 
 def file_records(directory: Path) -> dict[str, dict]:

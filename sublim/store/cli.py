@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import NoReturn
 
 from sublim import SublimError
-from sublim.store import LINEAGE, LOCKS, Store, check_files, default_root, result_stages, tmp_name
+from sublim.store import LINEAGE, LOCKS, Store, check_files, default_root, tmp_name
 from sublim.store.lock import HOST, LOCK_TIMEOUT, lock_owner, pid_alive, take_over
+from sublim.store.provenance import job_provenance, read_provenance, write_provenance
 
 TMP_MAX_AGE = 86400.0  # another host's temp dir this old is abandoned (its pid cannot be checked from here)
 
@@ -56,6 +57,9 @@ def _parser() -> _Parser:
     cmd = commands.add_parser("compute", parents=[common],
                               help="the compute time of every artifact some jobs used, and of its upstream, per stage")
     cmd.add_argument("jobs", nargs="+", type=Path, metavar="DIR", help="job or sweep dirs (their results.json files)")
+    cmd = commands.add_parser("provenance", parents=[common],
+                              help="write provenance.json beside each results.json that lacks it (older jobs)")
+    cmd.add_argument("jobs", nargs="+", type=Path, metavar="DIR", help="job or sweep dirs (their results.json files)")
     return parser
 
 
@@ -67,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     store = Store(root)
     try:
         return {"ls": _ls, "show": _show, "verify": _verify, "rm": _rm, "gc": _gc,
-                "compute": _compute}[args.command](store, args)
+                "compute": _compute, "provenance": _provenance}[args.command](store, args)
     except SublimError as err:
         print(f"sublim.store: {err}", file=sys.stderr)
         return 1
@@ -193,32 +197,45 @@ def _gc(store: Store, args: argparse.Namespace) -> int:
 
 # --- helpers ---------------------------------------------------------------------------------------
 
+def _results(jobs: list[Path]) -> list[Path]:
+    found = sorted({path.resolve() for job in jobs for path in job.glob("**/results.json")})
+    if not found:
+        _fail(f"no results.json under {', '.join(map(str, jobs))}: pass job or sweep dirs")
+    return found
+
+
 def _compute(store: Store, args: argparse.Namespace) -> int:
     """Each artifact counts once (however many jobs reused it), with the seconds its lineage recorded when it was
-    computed: what the whole study cost, not what each rerun took."""
-    found = sorted({path.resolve() for job in args.jobs for path in job.glob("**/results.json")})
-    if not found:
-        _fail(f"no results.json under {', '.join(map(str, args.jobs))}: pass job or sweep dirs")
-    seconds: dict[tuple[str, str], float] = {}
-
-    def visit(lineage: dict) -> None:
-        ref = (lineage["stage"], lineage["key"])
-        if ref not in seconds:
-            seconds[ref] = float(lineage.get("seconds") or 0.0)
-            for upstream in (lineage.get("upstream") or {}).values():
-                visit(upstream)
-
+    computed: what the whole study cost, not what each rerun took. A job's provenance.json stands in for the
+    store, so a study run over several sittings sums after their stores are gone."""
+    found = _results(args.jobs)
+    artifacts: dict[str, dict] = {}
+    unknown = 0
     for path in found:
-        for stage, key in result_stages(json.loads(path.read_text())):
-            if store.path(stage, key).is_dir():
-                visit(_lineage(store, stage, key))
+        provenance = read_provenance(path.parent)
+        if provenance is None:
+            provenance, missing = job_provenance(json.loads(path.read_text()), store)
+            unknown += len(missing)
+        artifacts |= provenance["artifacts"]
     per_stage: dict[str, list[float]] = {}
-    for (stage, _), value in seconds.items():
-        per_stage.setdefault(stage, []).append(value)
-    print(f"{len(found)} results.json, {len(seconds)} artifacts")
+    for ref, record in artifacts.items():
+        per_stage.setdefault(ref.split("/")[0], []).append(float(record.get("seconds") or 0.0))
+    total = [value for values in per_stage.values() for value in values]
+    print(f"{len(found)} results.json, {len(artifacts)} artifacts"
+          + (f" ({unknown} neither in the store nor in a provenance.json: not counted)" if unknown else ""))
     for stage, values in sorted(per_stage.items(), key=lambda item: -sum(item[1])):
-        print(f"  {stage:<10} {len(values):>5}  {_duration(sum(values))}")
-    print(f"  {'total':<10} {len(seconds):>5}  {_duration(sum(seconds.values()))}")
+        print(f"  {stage:<12} {len(values):>5}  {_duration(sum(values))}")
+    print(f"  {'total':<12} {len(total):>5}  {_duration(sum(total))}")
+    return 0
+
+
+def _provenance(store: Store, args: argparse.Namespace) -> int:
+    written = 0
+    for path in _results(args.jobs):
+        if read_provenance(path.parent) is None:
+            print(f"wrote {write_provenance(path.parent, json.loads(path.read_text()), store)}")
+            written += 1
+    print(f"{written} provenance.json written")
     return 0
 
 
