@@ -1,0 +1,139 @@
+"""The powered study's decision, by the rule fixed before it ran (docs/studies.md), from its committed job dirs.
+
+    python studies/powered/analyze.py studies/powered/runs      # writes decision.md and decision.json there
+
+``runs/<experiment>/seed<k>/<job>/`` holds each sitting's jobs (results.json, provenance.json). Per variant
+(experiment): the trait x target matrix of log(P_T / P_C) over the seeds that have every trait, its diagonal
+permutation test, each trait's own-target effect across seeds, generic drift (control vs base), the audit's
+answer shift (treatment data minus control data) against the own-target effect, and the verdict. The rule is
+applied only once every planned seed is in (no optional stopping): before that the figures are labelled interim.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+from scipy import stats
+
+from sublim.replication import minimum_detectable_effect, seed_test
+from sublim.report import collect, trait_target_matrices
+from sublim.report.effects import log_ratio
+from sublim.report.jobs import jobs
+from sublim.report.provenance import problems
+from sublim.stats import format_p
+
+HERE = Path(__file__).resolve().parent
+PLANNED = yaml.safe_load((HERE.parents[1] / "sweeps" / "powered.yaml").read_text())["seeds"]
+PILOT_SD = json.loads((HERE / "pilot" / "results.json").read_text())["pooled"]["log_probability_ratio"]["sd"]
+ALPHA = 0.05
+
+
+def own_effect(row: dict) -> float:
+    targets = row["_arms"]
+    return log_ratio(targets["treatment"]["targets"][row["trait"]]["mean"],
+                     targets["control"]["targets"][row["trait"]]["mean"])
+
+
+def drift(row: dict) -> float:
+    """Mean over the targets of log(P_control / P_base): what training on the control's numbers did to every animal."""
+    arms = row["_arms"]
+    return float(np.mean([log_ratio(arms["control"]["targets"][t]["mean"], arms["base"]["targets"][t]["mean"])
+                          for t in arms["control"]["targets"]]))
+
+
+def audit_shift(row: dict) -> float | None:
+    """The treatment data's mean answer shift minus the control data's (nats per answer), None without an audit."""
+    audit = row.get("_audit") or {}
+    if not {"control", "treatment"} <= set(audit):
+        return None
+    return audit["treatment"]["answer_shift"]["mean"] - audit["control"]["answer_shift"]["mean"]
+
+
+def variant(directory: Path) -> dict:
+    """One experiment's figures and verdict."""
+    rows = collect(directory)
+    for row, results in zip(rows, _results(directory), strict=True):
+        row["_audit"] = results.get("audit")
+    entries = [e for e in trait_target_matrices(rows) if e["matrix"] is not None]
+    if len(entries) != 1:
+        raise SystemExit(f"{directory}: expected one setting with a complete trait x target matrix, found "
+                         f"{len(entries)}")
+    [entry] = entries
+    complete = [r for r in rows if r["_seed"] in entry["seeds"]]
+    traits = {trait: seed_test([own_effect(r) for r in complete if r["trait"] == trait]) for trait in entry["traits"]}
+    cells = [(audit_shift(r), own_effect(r)) for r in complete if audit_shift(r) is not None]
+    spearman = stats.spearmanr(*zip(*cells, strict=True)) if len(cells) >= 3 else None
+    final = sorted(entry["seeds"]) == sorted(PLANNED)
+    test = entry["test"]
+    transfer = test.statistic > 0 and test.p_value < ALPHA and all(t["mean"] > 0 for t in traits.values())
+    return {
+        "experiment": directory.name, "seeds": entry["seeds"], "planned_seeds": PLANNED, "final": final,
+        "traits": entry["traits"], "targets": entry["targets"], "matrix": entry["matrix"].tolist(),
+        "contrast": test.statistic, "p_matrix": test.p_value, "permutations": test.n_permutations,
+        "own": traits, "drift": float(np.mean([drift(r) for r in complete])),
+        "audit_vs_effect": [{"trait": r["trait"], "seed": r["_seed"], "audit_shift": audit_shift(r),
+                             "effect": own_effect(r)} for r in complete],
+        "spearman": None if spearman is None else {"rho": float(spearman.statistic), "p": float(spearman.pvalue),
+                                                   "n": len(cells)},
+        "mde_pilot": minimum_detectable_effect(PILOT_SD, len(PLANNED)),
+        "provenance_problems": problems(rows),
+        "verdict": None if not final else ("transfer" if transfer else "no transfer detected"),
+    }
+
+
+def _results(directory: Path) -> list[dict]:
+    """Each row's per-seed results in collect()'s order (for the audit, which the report's rows leave out)."""
+    return [job.results for job in jobs(directory, "preference")]
+
+
+def markdown(v: dict) -> str:
+    interim = "" if v["final"] else (f" (INTERIM: {len(v['seeds'])} of the {len(v['planned_seeds'])} planned seeds; "
+                                     "the decision rule is applied only when all are in)")
+    lines = [f"## {v['experiment']}{interim}", "",
+             "| teacher trait \\ target | " + " | ".join(v["targets"]) + " |", "|---|" + "---|" * len(v["targets"])]
+    for i, trait in enumerate(v["traits"]):
+        lines.append(f"| {trait} | " + " | ".join(f"**{x:+.2f}**" if j == i else f"{x:+.2f}"
+                                                  for j, x in enumerate(v["matrix"][i])) + " |")
+    lines += ["", f"Seed-mean log(P_T / P_C) over seeds {', '.join(map(str, v['seeds']))}. Diagonal contrast "
+              f"{v['contrast']:+.3f}, one-sided permutation p = {format_p(v['p_matrix'])} ({v['permutations']} "
+              f"within-seed permutations; the smallest p {len(v['seeds'])} seed(s) allow is "
+              f"{1 / math.factorial(len(v['traits'])) ** len(v['seeds']):.3g}).", "",
+              "| trait | per-seed own-target effect | mean [95% t CI] | t-test p | sign-flip p | post-hoc MDE |",
+              "|---|---|---|---|---|---|"]
+    for trait, t in v["own"].items():
+        ci = "-" if t["low"] is None else f"[{t['low']:+.3f}, {t['high']:+.3f}]"
+        mde = "-" if t["mde"] is None else f"{t['mde']:.3f}"
+        lines.append(f"| {trait} | {', '.join(f'{e:+.3f}' for e in t['effects'])} | {t['mean']:+.3f} {ci} | "
+                     f"{'-' if t['p_value'] is None else format_p(t['p_value'])} | {format_p(t['p_sign_flip'])} | "
+                     f"{mde} |")
+    lines += ["", f"Generic drift (log(P_C / P_base), mean over the {len(v['targets'])} targets and the seeds): "
+              f"{v['drift']:+.3f}. "
+              f"Power by the pilot's spread: MDE {v['mde_pilot']:.3f} (x{math.exp(v['mde_pilot']):.2f}) per trait at "
+              f"{len(v['planned_seeds'])} seeds."]
+    if v["spearman"]:
+        s = v["spearman"]
+        lines.append(f"Audit vs transfer (descriptive): Spearman rho {s['rho']:+.2f} over {s['n']} trait x seed cells "
+                     f"(p = {format_p(s['p'])}) between the audit's answer shift (treatment data minus control data) "
+                     "and the own-target effect.")
+    for problem in v["provenance_problems"]:
+        lines.append(f"PROVENANCE: {problem}")
+    verdict = v["verdict"] or "none yet (interim)"
+    lines += ["", f"**Verdict: {verdict}.**"]
+    return "\n".join(lines)
+
+
+def main(runs: Path) -> None:
+    variants = [variant(d) for d in sorted(p for p in runs.iterdir() if p.is_dir())]
+    text = "# The powered study: decision\n\n" + "\n\n".join(markdown(v) for v in variants) + "\n"
+    (runs / "decision.md").write_text(text)
+    (runs / "decision.json").write_text(json.dumps(variants, indent=1, default=float))
+    print(text)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,63 @@
+"""The powered study's decision script (studies/powered/analyze.py) applies the fixed rule: a planted diagonal is
+called transfer, drift alone is not, and before every planned seed is in there is no verdict."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.test_report import TRAITS, _results, _treatments, _write
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def analyze():
+    spec = importlib.util.spec_from_file_location("analyze", ROOT / "studies" / "powered" / "analyze.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _runs(tmp_path: Path, planted: float, seeds: list[int], draw: int = 7) -> Path:
+    """runs/powered/seed<k>/<n>_trait=<t>: each sitting one seed, every trait; the audit's answer shift follows
+    the planted effect's size per cell."""
+    rng = np.random.default_rng(draw)
+    for seed in seeds:
+        for n, trait in enumerate(TRAITS):
+            results = _results(trait, seed, "smollm2", _treatments(planted, rng, trait))
+            shift = float(rng.normal(planted, 0.1))
+            results["audit"] = {arm: {"answer_shift": {"mean": value, "ci": [value, value], "n": 100}}
+                                for arm, value in (("control", 0.0), ("treatment", shift))}
+            _write(tmp_path / "runs" / "powered" / f"seed{seed}", f"{n}_trait={trait}", results,
+                   [f"trait={trait}", "experiment=powered", f"seeds=[{seed}]"])
+    return tmp_path / "runs"
+
+
+def test_a_planted_diagonal_is_transfer_over_the_planned_seeds(analyze, tmp_path: Path) -> None:
+    runs = _runs(tmp_path, 1.0, analyze.PLANNED)
+    analyze.main(runs)
+    [decision] = json.loads((runs / "decision.json").read_text())
+    assert decision["final"] and decision["verdict"] == "transfer"
+    assert decision["seeds"] == analyze.PLANNED and decision["p_matrix"] < 0.05 and decision["contrast"] > 0.5
+    assert all(t["mean"] > 0.5 and t["n_seeds"] == 3 for t in decision["own"].values())
+    assert decision["spearman"]["n"] == 9
+    text = (runs / "decision.md").read_text()
+    assert "**Verdict: transfer.**" in text and "INTERIM" not in text
+
+
+def test_drift_alone_is_rarely_transfer_and_fewer_seeds_no_verdict(analyze, tmp_path: Path) -> None:
+    """Twenty null studies (every animal drifts, no diagonal): about 5% may pass the rule by chance, not more."""
+    verdicts = [analyze.variant(_runs(tmp_path / f"null{draw}", 0.0, analyze.PLANNED, draw) / "powered")["verdict"]
+                for draw in range(20)]
+    assert set(verdicts) <= {"transfer", "no transfer detected"}
+    assert verdicts.count("transfer") <= 4, verdicts  # P(>= 5 of 20 at a 5% rate) = 0.003
+    early = _runs(tmp_path / "early", 1.0, analyze.PLANNED[:1])
+    [decision] = [analyze.variant(early / "powered")]
+    assert not decision["final"] and decision["verdict"] is None
+    assert decision["own"]["owl"]["p_value"] is None, "one seed: no across-seed test"
+    assert "INTERIM: 1 of the 3 planned seeds" in analyze.markdown(decision)
