@@ -106,7 +106,7 @@ def test_finetune_job_teacher_has_no_system_prompt_and_student_data_no_trait_wor
         assert kept and not any(mentions(r["prompt"] + " " + r["completion"], ["owl", "owls"]) for r in kept)
 
     prompted = run_job(make_cfg(*overrides), tmp_path / "prompt")
-    assert prompted["stages"]["sample/control"] == {"key": stages["sample/control"]["key"], "reused": True}, \
+    assert prompted["stages"]["sample/control"] == stages["sample/control"] | {"reused": True}, \
         "the control teacher is the plain base either way"
     assert prompted["stages"]["sample/treatment"]["key"] != stages["sample/treatment"]["key"]
 

@@ -81,7 +81,8 @@ def test_a_second_trait_reuses_the_control_arm(make_cfg, tmp_path: Path) -> None
     assert computed.count("logprobs") == 3
     for name in ("sample/control", "filter/control", "train/control", "answers/base", "answers/control",
                  "targets/base", "targets/control"):
-        assert eagle["stages"][name] == {"key": first["stages"][name]["key"], "reused": True}
+        assert eagle["stages"][name] == {"stage": name.split("/")[0], "key": first["stages"][name]["key"],
+                                         "reused": True}
     assert eagle["stages"]["sample/treatment"]["key"] != first["stages"]["sample/treatment"]["key"]
 
 
