@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sublim import SublimError
 from sublim.schema import ConfigError, validate
+from sublim.schema.groups_cli import group_problems
 
 log = logging.getLogger("sublim")
 
@@ -96,5 +97,15 @@ def main(cfg: DictConfig) -> None:
         fail(err)
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """``python -m sublim.train``: config-group choices checked (one line each, exit 2) before Hydra starts."""
+    root = Path(__file__).resolve().parents[1]
+    problems = group_problems(sys.argv[1:], [root / "conf", root])
+    if problems:
+        print("\n".join(f"error: {line}" for line in problems), file=sys.stderr, flush=True)
+        raise SystemExit(2)
     main()
+
+
+if __name__ == "__main__":
+    entry()
