@@ -31,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 PLANNED = yaml.safe_load((HERE.parents[1] / "sweeps" / "powered.yaml").read_text())["seeds"]
 PILOT_SD = json.loads((HERE / "pilot" / "results.json").read_text())["pooled"]["log_probability_ratio"]["sd"]
 ALPHA = 0.05
+MIN_CELLS = 5  # fewer trait x seed cells than this give no meaningful rank correlation
 
 
 def own_effect(row: dict) -> float:
@@ -67,7 +68,7 @@ def variant(directory: Path) -> dict:
     complete = [r for r in rows if r["_seed"] in entry["seeds"]]
     traits = {trait: seed_test([own_effect(r) for r in complete if r["trait"] == trait]) for trait in entry["traits"]}
     cells = [(audit_shift(r), own_effect(r)) for r in complete if audit_shift(r) is not None]
-    spearman = stats.spearmanr(*zip(*cells, strict=True)) if len(cells) >= 3 else None
+    spearman = stats.spearmanr(*zip(*cells, strict=True)) if len(cells) >= MIN_CELLS else None
     final = sorted(entry["seeds"]) == sorted(PLANNED)
     test = entry["test"]
     transfer = test.statistic > 0 and test.p_value < ALPHA and all(t["mean"] > 0 for t in traits.values())
@@ -106,7 +107,7 @@ def markdown(v: dict) -> str:
               "| trait | per-seed own-target effect | mean [95% t CI] | t-test p | sign-flip p | post-hoc MDE |",
               "|---|---|---|---|---|---|"]
     for trait, t in v["own"].items():
-        ci = "-" if t["low"] is None else f"[{t['low']:+.3f}, {t['high']:+.3f}]"
+        ci = "(one seed)" if t["low"] is None else f"[{t['low']:+.3f}, {t['high']:+.3f}]"
         mde = "-" if t["mde"] is None else f"{t['mde']:.3f}"
         lines.append(f"| {trait} | {', '.join(f'{e:+.3f}' for e in t['effects'])} | {t['mean']:+.3f} {ci} | "
                      f"{'-' if t['p_value'] is None else format_p(t['p_value'])} | {format_p(t['p_sign_flip'])} | "
@@ -120,6 +121,9 @@ def markdown(v: dict) -> str:
         lines.append(f"Audit vs transfer (descriptive): Spearman rho {s['rho']:+.2f} over {s['n']} trait x seed cells "
                      f"(p = {format_p(s['p'])}) between the audit's answer shift (treatment data minus control data) "
                      "and the own-target effect.")
+    else:
+        lines.append(f"Audit vs transfer: {len(v['audit_vs_effect'])} trait x seed cells, too few for a rank "
+                     f"correlation (it needs {MIN_CELLS}); the cells are in decision.json.")
     for problem in v["provenance_problems"]:
         lines.append(f"PROVENANCE: {problem}")
     verdict = v["verdict"] or "none yet (interim)"
@@ -128,7 +132,7 @@ def markdown(v: dict) -> str:
 
 
 def main(runs: Path) -> None:
-    variants = [variant(d) for d in sorted(p for p in runs.iterdir() if p.is_dir())]
+    variants = [variant(d) for d in sorted(p for p in runs.iterdir() if p.is_dir() and any(p.glob("*/*/results.json")))]
     text = "# The powered study: decision\n\n" + "\n\n".join(markdown(v) for v in variants) + "\n"
     (runs / "decision.md").write_text(text)
     (runs / "decision.json").write_text(json.dumps(variants, indent=1, default=float))

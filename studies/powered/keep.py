@@ -18,7 +18,8 @@ from pathlib import Path
 import yaml
 
 RUNS = Path(__file__).resolve().parent / "runs"
-FILES = ("results.json", "results.csv", "pooled.csv", "provenance.json", ".hydra/config.yaml", ".hydra/overrides.yaml")
+FILES = ("results.json", "results.csv", "pooled.csv", "provenance.json", "train.log", ".hydra/config.yaml",
+         ".hydra/overrides.yaml")
 MAX_PLOT_BYTES = 500_000
 
 
