@@ -23,7 +23,6 @@ from scipy import stats
 from sublim.replication import minimum_detectable_effect, seed_test
 from sublim.report import collect, trait_target_matrices
 from sublim.report.effects import log_ratio
-from sublim.report.jobs import jobs
 from sublim.report.provenance import problems
 from sublim.stats import format_p
 
@@ -49,7 +48,7 @@ def drift(row: dict) -> float:
 
 def audit_shift(row: dict) -> float | None:
     """The treatment data's mean answer shift minus the control data's (nats per answer), None without an audit."""
-    audit = row.get("_audit") or {}
+    audit = row["_audit"]
     if not {"control", "treatment"} <= set(audit):
         return None
     return audit["treatment"]["answer_shift"]["mean"] - audit["control"]["answer_shift"]["mean"]
@@ -58,8 +57,6 @@ def audit_shift(row: dict) -> float | None:
 def variant(directory: Path) -> dict:
     """One experiment's figures and verdict."""
     rows = collect(directory)
-    for row, results in zip(rows, _results(directory), strict=True):
-        row["_audit"] = results.get("audit")
     entries = [e for e in trait_target_matrices(rows) if e["matrix"] is not None]
     if len(entries) != 1:
         raise SystemExit(f"{directory}: expected one setting with a complete trait x target matrix, found "
@@ -85,11 +82,6 @@ def variant(directory: Path) -> dict:
         "provenance_problems": problems(rows),
         "verdict": None if not final else ("transfer" if transfer else "no transfer detected"),
     }
-
-
-def _results(directory: Path) -> list[dict]:
-    """Each row's per-seed results in collect()'s order (for the audit, which the report's rows leave out)."""
-    return [job.results for job in jobs(directory, "preference")]
 
 
 def markdown(v: dict) -> str:

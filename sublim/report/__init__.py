@@ -72,9 +72,10 @@ def write_report(sweep_dir: Path) -> Path | None:
             section += f"\n\n![matrix](matrix_{n}.png)"
         sections.append(section)
     specificity = "".join(f"\n{section}\n" for section in sections)
-    for problem in problems(rows + misaligned):
+    found = problems(rows + misaligned)
+    for problem in found:
         log.warning("%s", problem)
-    provenance = f"\n{provenance_markdown(rows + misaligned)}\n"
+    provenance = f"\n{provenance_markdown(rows + misaligned, found)}\n"
     (sweep_dir / "report.md").write_text(f"# Sweep report: {sweep_dir.name}\n\n{table}{specificity}{provenance}")
     _log_wandb(sweep_dir, rows, misaligned)
     print(f"\n{table}\n{specificity}\nreport: {sweep_dir / 'report.md'}", flush=True)

@@ -157,7 +157,7 @@ def _row(job: Job) -> dict:
             "n": r["arms"]["treatment"]["n_train"], "_arms": r["arms"],
             "_logger": r.get("config", {}).get("logger", {}), "_setting": setting, "_varying": list(job.varying),
             "_seed": seed,  # what the matrix and charts group replicates by (older than the seed column)
-            "_generations": r.get("generations"), "_provenance": job.provenance}
+            "_generations": r.get("generations"), "_provenance": job.provenance, "_audit": r.get("audit") or {}}
 
 
 def _adjust(rows: list[dict], *p_columns: str) -> list[dict]:

@@ -46,8 +46,9 @@ def problems(rows: list[dict]) -> list[str]:
     return out
 
 
-def provenance_markdown(rows: list[dict]) -> str:
-    """The report's provenance section: what computed the rows, and every inconsistency, or that there is none."""
+def provenance_markdown(rows: list[dict], found: list[str]) -> str:
+    """The report's provenance section: what computed the rows, and ``found`` (their ``problems``) or that there are
+    none."""
     records = [record for row in rows for record in (row["_provenance"] or {}).values()]
     unchecked = sorted({row["job"] for row in rows if row["_provenance"] is None})
     env = [record.get("env") or {} for record in records]
@@ -62,7 +63,6 @@ def provenance_markdown(rows: list[dict]) -> str:
                      + (" (some with uncommitted changes)" if any(e.get("git_dirty") for e in env) else "")
                      + f"; torch {_short({e.get('torch') for e in env})}, transformers "
                      f"{_short({e.get('transformers') for e in env})}.")
-    found = problems(rows)
     if found:
         lines += ["", "**Not computed alike: pooling these jobs mixes versions.**", "", *(f"- {p}" for p in found)]
     elif records:
