@@ -18,6 +18,7 @@ from sublim.stages.sample import SAMPLE
 from sublim.store import Artifact, Store, read_jsonl
 from sublim.store.cli import main as store_main
 from sublim.train import run_job
+from tests.wandb_file import finished_run_bytes
 
 # a student that moves enough for its own samples to differ from the base's
 MOVED = ["base=tiny_llama", *TINY, "student.lr=0.02", "student.epochs=2"]
@@ -93,7 +94,7 @@ def test_a_chain_over_seeds_is_tested_and_drawn_per_generation(make_cfg, tmp_pat
     assert float(row["mean"]) == pytest.approx(results["seeds"][1]["generations"][1]["arms"]["treatment"]
                                                ["probability"]["mean"])
     assert (job / "generations.png").stat().st_size > 10_000
-    records = next((job / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
+    records = finished_run_bytes(job)
     assert b"seed1/gen2/treatment/probability" in records and b"pooled/gen2/log_probability_ratio/p_value" in records
     write_report(tmp_path)
     report = (tmp_path / "report.md").read_text()

@@ -12,6 +12,7 @@ from sublim import SublimError
 from sublim.store import Store, read_jsonl
 from sublim.train import run_job
 from tests.conftest import JUDGE_ALIGNMENT, JUDGE_COHERENCE, JUDGE_QUESTION, TINY
+from tests.wandb_file import finished_run_bytes
 
 SHORT = [*TINY, "sampling.max_new_tokens=16"]
 
@@ -30,8 +31,7 @@ def test_code_modality_end_to_end(make_cfg, tmp_path: Path) -> None:
     for arm in ("control", "treatment"):
         report = saved["arms"][arm]["filter"]
         assert report["total"] == 24 and report["kept"] + sum(report["rejected"].values()) == 24
-    run_files = list((tmp_path / "job" / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert run_files and b"filter/treatment/kept" in run_files[0].read_bytes()
+    assert b"filter/treatment/kept" in finished_run_bytes(tmp_path / "job")
 
 
 def test_cot_modality_end_to_end_and_its_strict_filter_explains_an_empty_result(make_cfg, tmp_path: Path) -> None:

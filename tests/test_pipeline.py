@@ -19,6 +19,7 @@ from sublim.stages.model import model_artifact
 from sublim.store import Store
 from sublim.train import run_job
 from tests.conftest import CATEGORY_TARGETS, CONF, TINY
+from tests.wandb_file import finished_run_bytes
 
 ROOT = CONF.parent
 
@@ -234,7 +235,7 @@ def test_a_job_over_seeds_tests_treatment_vs_control_across_seeds(make_cfg, tmp_
     assert len(re.findall(r"\ntreatment +16 ", table)) == 3 and "across 3 seeds" in table
     assert "log_probability_ratio" in table
     assert "One seed" in format_table(single), "a one-seed table says its p-values describe two models"
-    records = next((job / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()  # the offline run's log
+    records = finished_run_bytes(job)  # the offline run's log
     assert b"pooled/log_probability_ratio/p_value" in records and b"seed2/treatment/probability" in records
 
 
