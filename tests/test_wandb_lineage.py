@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from sublim.store import Store
 from sublim.tracking import artifact_name
 from sublim.train import run_job
 from tests.conftest import TINY
-from tests.wandb_file import finished_records, run_file
+from tests.wandb_file import BLOCK, finished_records, read_records, run_file
 
 
 def test_offline_run_holds_every_stage_artifact_and_its_upstream(make_cfg, tmp_path: Path) -> None:
@@ -32,3 +34,17 @@ def test_offline_run_holds_every_stage_artifact_and_its_upstream(make_cfg, tmp_p
     assert json.loads(logged[names["filter", "treatment"]].metadata)["upstream"]["samples"] == names["sample",
                                                                                                        "treatment"]
     assert any(artifact.type == "prompts" for artifact in logged.values()), "upstream of a listed stage"
+
+
+def test_a_run_file_whose_last_block_is_not_flushed_yet_is_waited_for(make_cfg, tmp_path: Path) -> None:
+    """What CI once read right after ``run.finish()``: only the first 32 KiB block, no exit record."""
+    cfg = make_cfg("base=tiny_llama", *[o for o in TINY if not o.startswith("logger=")], "logger=wandb")
+    run_job(cfg, tmp_path / "job")
+    data = run_file(tmp_path / "job").read_bytes()
+    assert len(data) > BLOCK, "the run spans more than one block"
+    partial = tmp_path / "partial.wandb"
+    partial.write_bytes(data[:BLOCK + 100])  # a block and a chunk still being written
+    complete = len(finished_records(run_file(tmp_path / "job")))
+    assert 0 < len(read_records(partial)) < complete
+    with pytest.raises(AssertionError, match="holds no exit record"):
+        finished_records(partial, timeout=1.0)
