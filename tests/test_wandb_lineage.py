@@ -1,4 +1,5 @@
-"""A job's store artifacts in its offline W&B run: one artifact per stage, by reference, each naming its upstream."""
+"""A job's store artifacts in its offline W&B run: one artifact per stage, by reference, each naming its upstream;
+and the run file read only once complete."""
 
 from __future__ import annotations
 
@@ -18,6 +19,14 @@ def test_offline_run_holds_every_stage_artifact_and_its_upstream(make_cfg, tmp_p
     cfg = make_cfg("base=tiny_llama", *[o for o in TINY if not o.startswith("logger=")], "logger=wandb")
     results = run_job(cfg, tmp_path / "job")
     records = finished_records(run_file(tmp_path / "job"))
+    # what CI once read right after run.finish(): the first 32 KiB block and part of a chunk, no exit record
+    data = run_file(tmp_path / "job").read_bytes()
+    assert len(data) > BLOCK, "the run spans more than one block"
+    partial = tmp_path / "partial.wandb"
+    partial.write_bytes(data[:BLOCK + 100])
+    assert 0 < len(read_records(partial)) < len(records)
+    with pytest.raises(AssertionError, match="holds no exit record"):
+        finished_records(partial, timeout=1.0)
     logged = {r.artifact.name: r.artifact for r in records if r.WhichOneof("record_type") == "artifact"}
     store = Store(cfg.paths.store)
     names = {}
@@ -35,16 +44,3 @@ def test_offline_run_holds_every_stage_artifact_and_its_upstream(make_cfg, tmp_p
                                                                                                        "treatment"]
     assert any(artifact.type == "prompts" for artifact in logged.values()), "upstream of a listed stage"
 
-
-def test_a_run_file_whose_last_block_is_not_flushed_yet_is_waited_for(make_cfg, tmp_path: Path) -> None:
-    """What CI once read right after ``run.finish()``: only the first 32 KiB block, no exit record."""
-    cfg = make_cfg("base=tiny_llama", *[o for o in TINY if not o.startswith("logger=")], "logger=wandb")
-    run_job(cfg, tmp_path / "job")
-    data = run_file(tmp_path / "job").read_bytes()
-    assert len(data) > BLOCK, "the run spans more than one block"
-    partial = tmp_path / "partial.wandb"
-    partial.write_bytes(data[:BLOCK + 100])  # a block and a chunk still being written
-    complete = len(finished_records(run_file(tmp_path / "job")))
-    assert 0 < len(read_records(partial)) < complete
-    with pytest.raises(AssertionError, match="holds no exit record"):
-        finished_records(partial, timeout=1.0)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from wandb.proto.wandb_internal_pb2 import Record
 
-BLOCK, HEADER, FIRST, LAST = 32768, 7, 2, 4  # LevelDB log: 32 KiB blocks, 7-byte chunk header (crc, length, type)
+BLOCK, HEADER, FIRST, MIDDLE = 32768, 7, 2, 3  # LevelDB log: 32 KiB blocks, 7-byte chunk header (crc, length, type)
 
 
 def read_records(path: Path) -> list[Record]:
@@ -27,7 +27,7 @@ def read_records(path: Path) -> list[Record]:
             break
         pending += data[offset + HEADER:offset + HEADER + length]
         offset += HEADER + length
-        if kind not in (FIRST, FIRST + 1):  # a full record or the last chunk of one
+        if kind not in (FIRST, MIDDLE):  # a full record or the last chunk of one
             record = Record()
             record.ParseFromString(pending)
             records.append(record)
