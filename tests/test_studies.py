@@ -46,6 +46,9 @@ def test_a_planted_diagonal_is_transfer_over_the_planned_seeds(analyze, tmp_path
     assert decision["seeds"] == analyze.PLANNED and decision["p_matrix"] < 0.05 and decision["contrast"] > 0.5
     assert all(t["mean"] > 0.5 and t["n_seeds"] == 3 for t in decision["own"].values())
     assert decision["spearman"]["n"] == 9
+    per_seed = decision["seed_contrasts"]
+    assert len(per_seed) == 3 and np.isclose(np.mean(list(per_seed.values())), decision["contrast"])
+    assert min(per_seed.values()) > 0.5, "a planted diagonal shows in every seed"
     text = (runs / "decision.md").read_text()
     assert "**Verdict: transfer.**" in text and "INTERIM" not in text
 
