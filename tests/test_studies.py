@@ -49,6 +49,8 @@ def test_a_planted_diagonal_is_transfer_over_the_planned_seeds(analyze, tmp_path
     per_seed = decision["seed_contrasts"]
     assert len(per_seed) == 3 and np.isclose(np.mean(list(per_seed.values())), decision["contrast"])
     assert min(per_seed.values()) > 0.5, "a planted diagonal shows in every seed"
+    over_seeds = decision["contrast_over_seeds"]
+    assert np.isclose(over_seeds["mean"], decision["contrast"]) and over_seeds["low"] > 0 and over_seeds["n_seeds"] == 3
     text = (runs / "decision.md").read_text()
     assert "**Verdict: transfer.**" in text and "INTERIM" not in text
 
