@@ -83,6 +83,8 @@ def test_matrix_per_setting_with_diagonal_first(tmp_path: Path) -> None:
     assert np.all(diagonal > 1.2) and np.all(same["matrix"][:, 3:] < 0.7), "log(e * drift) on the diagonal only"
     assert same["test"].p_value < 0.01 and same["test"].statistic == pytest.approx(1.0, abs=0.15)
     assert cross["test"].p_value > 0.05, "drift alone is not transfer"
+    assert list(same["seed_contrasts"]) == [0, 1, 2] and min(same["seed_contrasts"].values()) > 0.7
+    assert same["contrast_over_seeds"]["mean"] == pytest.approx(same["test"].statistic)
     assert [e["q"] for e in entries] == pytest.approx(bh_adjust([e["test"].p_value for e in entries]))
 
 
@@ -96,6 +98,23 @@ def test_report_writes_the_matrix_table_and_heatmaps(tmp_path: Path) -> None:
     assert report.count("test permutes within each): 0, 1, 2.\n") == 2 and "Dropped" not in report
     for n in (0, 1):
         assert (sweep / f"matrix_{n}.png").stat().st_size > 5_000 and f"![matrix](matrix_{n}.png)" in report
+
+
+def test_one_seed_can_carry_the_permutation_test_and_the_seed_level_test_shows_it(tmp_path: Path) -> None:
+    """A strong diagonal in seed 0 only: the within-seed permutation test (every cell at once) passes, the t-test
+    of the per-seed contrasts (the seed as the unit) does not, and the report prints both."""
+    planted = {0: 2.0, 1: 0.1, 2: 0.1}
+    for n, (seed, trait) in enumerate(itertools.product(range(3), TRAITS)):
+        _job(tmp_path, n, trait, seed, "smollm2",
+             {t: 1.5e-3 * (math.exp(planted[seed]) if t == trait else 1.0) for t in TARGETS})
+    [entry] = trait_target_matrices(collect(tmp_path))
+    assert entry["test"].p_value == pytest.approx(1 / 216), "only the true labels in every seed reach the contrast"
+    contrasts = entry["seed_contrasts"]
+    assert list(contrasts.values()) == pytest.approx(list(planted.values()))
+    assert entry["contrast_over_seeds"]["low"] < 0 and entry["contrast_over_seeds"]["p_value"] > 0.1
+    report = write_report(tmp_path).read_text()
+    assert f"Per seed: seed 0 {contrasts[0]:+.3f}, seed 1 {contrasts[1]:+.3f}" in report
+    assert "tested with the seed as the unit" in report
 
 
 def test_matrix_and_its_test_use_the_same_complete_seeds(tmp_path: Path) -> None:

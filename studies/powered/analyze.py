@@ -23,9 +23,9 @@ from scipy import stats
 from sublim.replication import minimum_detectable_effect, seed_test
 from sublim.report import collect, trait_target_matrices
 from sublim.report.effects import log_ratio
-from sublim.report.matrix import log_ratios
+from sublim.report.matrix import seed_level
 from sublim.report.provenance import problems
-from sublim.stats import diagonal_permutation_test, format_p
+from sublim.stats import format_p
 
 HERE = Path(__file__).resolve().parent
 PLANNED = yaml.safe_load((HERE.parents[1] / "sweeps" / "powered.yaml").read_text())["seeds"]
@@ -55,15 +55,6 @@ def audit_shift(row: dict) -> float | None:
     return audit["treatment"]["answer_shift"]["mean"] - audit["control"]["answer_shift"]["mean"]
 
 
-def seed_contrasts(rows: list[dict], entry: dict) -> dict:
-    """Each seed's own diagonal contrast (their mean is the tested one): descriptive, it shows which seeds carry the
-    test, which a pooled p alone hides."""
-    diagonal = list(range(len(entry["traits"])))
-    cells = {(r["_seed"], r["trait"]): log_ratios(r, entry["targets"]) for r in rows}
-    return {seed: diagonal_permutation_test([cells[seed, t] for t in entry["traits"]], diagonal).statistic
-            for seed in entry["seeds"]}
-
-
 def variant(directory: Path) -> dict:
     """One experiment's figures and verdict."""
     rows = collect(directory)
@@ -82,9 +73,8 @@ def variant(directory: Path) -> dict:
     return {
         "experiment": directory.name, "seeds": entry["seeds"], "planned_seeds": PLANNED, "final": final,
         "traits": entry["traits"], "targets": entry["targets"], "matrix": entry["matrix"].tolist(),
-        "contrast": test.statistic, "p_matrix": test.p_value,
-        "seed_contrasts": (per_seed := seed_contrasts(complete, entry)),
-        "contrast_over_seeds": seed_test(list(per_seed.values())), "permutations": test.n_permutations,
+        "contrast": test.statistic, "p_matrix": test.p_value, "permutations": test.n_permutations,
+        "seed_contrasts": entry["seed_contrasts"], "contrast_over_seeds": entry["contrast_over_seeds"],
         "own": traits, "drift": float(np.mean([drift(r) for r in complete])),
         "audit_vs_effect": [{"trait": r["trait"], "seed": r["_seed"], "audit_shift": audit_shift(r),
                              "effect": own_effect(r)} for r in complete],
@@ -94,16 +84,6 @@ def variant(directory: Path) -> dict:
         "provenance_problems": problems(rows),
         "verdict": None if not final else ("transfer" if transfer else "no transfer detected"),
     }
-
-
-def seed_level(t: dict) -> str:
-    """The per-seed contrasts tested as seeds (not the fixed rule's test): the seed as the unit, no cell-level
-    exchangeability assumed, so a contrast that one seed carries shows here as a wide interval."""
-    if t["p_value"] is None:
-        return ""
-    one_sided = t["p_value"] / 2 if t["mean"] > 0 else 1 - t["p_value"] / 2
-    return (f" Tested as seeds (descriptive, not the rule's test): {t['mean']:+.3f} [{t['low']:+.3f}, "
-            f"{t['high']:+.3f}], one-sided t-test p = {format_p(one_sided)} (df = {t['n_seeds'] - 1}).")
 
 
 def markdown(v: dict) -> str:
@@ -117,10 +97,8 @@ def markdown(v: dict) -> str:
     lines += ["", f"Seed-mean log(P_T / P_C) over seeds {', '.join(map(str, v['seeds']))}. Diagonal contrast "
               f"{v['contrast']:+.3f}, one-sided permutation p = {format_p(v['p_matrix'])} ({v['permutations']} "
               f"within-seed permutations; the smallest p {len(v['seeds'])} seed(s) allow is "
-              f"{1 / math.factorial(len(v['traits'])) ** len(v['seeds']):.3g}). "
-              "Per seed (descriptive; their mean is the tested contrast): "
-              + ", ".join(f"seed {k} {c:+.3f}" for k, c in v["seed_contrasts"].items()) + "."
-              + seed_level(v["contrast_over_seeds"]), "",
+              f"{1 / math.factorial(len(v['traits'])) ** len(v['seeds']):.3g})."
+              + seed_level(v) + " (Descriptive, not the rule's test.)", "",
               "| trait | per-seed own-target effect | mean [95% t CI] | t-test p | sign-flip p | post-hoc MDE |",
               "|---|---|---|---|---|---|"]
     for trait, t in v["own"].items():

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from sublim.replication import seed_test
 from sublim.report.effects import log_ratio
 from sublim.report.jobs import SETTING
 from sublim.stats import bh_adjust, diagonal_permutation_test, format_p
@@ -48,11 +49,15 @@ def trait_target_matrices(rows: list[dict]) -> list[dict]:
             by_seed.setdefault(row["_seed"], {})[row["trait"]] = log_ratios(row, targets)
         seeds = [seed for seed, cells in by_seed.items() if set(traits) <= set(cells)]
         complete = np.array([[by_seed[seed][t] for t in traits] for seed in seeds])
+        diagonal = list(range(len(traits)))
+        per_seed = [diagonal_permutation_test(m, diagonal).statistic for m in complete]
         out.append({"setting": setting, "traits": traits, "targets": targets, "seeds": seeds, "n_seeds": len(seeds),
                     "dropped": {seed: [t for t in traits if t not in cells] for seed, cells in by_seed.items()
                                 if seed not in seeds},
                     "matrix": complete.mean(axis=0) if seeds else None,
-                    "test": diagonal_permutation_test(complete, list(range(len(traits)))) if seeds else None})
+                    "test": diagonal_permutation_test(complete, diagonal) if seeds else None,
+                    "seed_contrasts": dict(zip(seeds, per_seed, strict=True)),
+                    "contrast_over_seeds": seed_test(per_seed) if seeds else None})
     tested = [entry for entry in out if entry["test"] is not None]
     for entry, q in zip(tested, bh_adjust([e["test"].p_value for e in tested]), strict=True):
         entry["q"] = q
@@ -86,8 +91,21 @@ def matrix_markdown(entry: dict, n_tests: int) -> str:
     lines += ["", f"Diagonal above its row and column: contrast {test.statistic:+.3f} (log units, mean over "
               f"{entry['n_seeds']} seed(s)), one-sided permutation p = {format_p(test.p_value)} "
               f"({test.n_permutations} {'row permutations' if test.exhaustive else 'random permutations'}); "
-              f"Benjamini-Hochberg q = {format_p(entry['q'])} over the sweep's {n_tests} matrix test(s)."]
+              f"Benjamini-Hochberg q = {format_p(entry['q'])} over the sweep's {n_tests} matrix test(s)."
+              + seed_level(entry)]
     return "\n".join(lines)
+
+
+def seed_level(entry: dict) -> str:
+    """Each seed's contrast and their t-test, the seed as the unit: the permutation test draws on every cell at
+    once, so a contrast that one seed carries can pass it; here that shows as a wide interval."""
+    per_seed = ", ".join(f"seed {seed} {c:+.3f}" for seed, c in entry["seed_contrasts"].items())
+    t = entry["contrast_over_seeds"]
+    if t["p_value"] is None:
+        return f" Per seed: {per_seed}."
+    one_sided = t["p_value"] / 2 if t["mean"] > 0 else 1 - t["p_value"] / 2
+    return (f" Per seed: {per_seed}; tested with the seed as the unit: {t['mean']:+.3f} [{t['low']:+.3f}, "
+            f"{t['high']:+.3f}], one-sided t-test p = {format_p(one_sided)} (df = {t['n_seeds'] - 1}).")
 
 
 def plot_matrix(entry: dict, path: Path) -> None:
