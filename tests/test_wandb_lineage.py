@@ -43,4 +43,3 @@ def test_offline_run_holds_every_stage_artifact_and_its_upstream(make_cfg, tmp_p
     assert json.loads(logged[names["filter", "treatment"]].metadata)["upstream"]["samples"] == names["sample",
                                                                                                        "treatment"]
     assert any(artifact.type == "prompts" for artifact in logged.values()), "upstream of a listed stage"
-
