@@ -25,7 +25,7 @@ from sublim.report import collect, trait_target_matrices
 from sublim.report.effects import log_ratio
 from sublim.report.matrix import seed_level
 from sublim.report.provenance import problems
-from sublim.stats import format_p
+from sublim.stats import bh_adjust, format_p
 
 HERE = Path(__file__).resolve().parent
 PLANNED = yaml.safe_load((HERE.parents[1] / "sweeps" / "powered.yaml").read_text())["seeds"]
@@ -126,9 +126,25 @@ def markdown(v: dict) -> str:
     return "\n".join(lines)
 
 
+def summary(variants: list[dict]) -> str:
+    """One row per variant, the Benjamini-Hochberg q of its matrix test beside its p (the protocol's correction
+    across the variants; each verdict is still the rule's, on its own p)."""
+    q = bh_adjust([v["p_matrix"] for v in variants])
+    lines = ["| variant | seeds in | diagonal contrast (per seed) | permutation p | BH q | own means | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for v, q_value in zip(variants, q, strict=True):
+        per_seed = ", ".join(f"{c:+.3f}" for c in v["seed_contrasts"].values())
+        own = ", ".join(f"{trait} {t['mean']:+.3f}" for trait, t in v["own"].items())
+        lines.append(f"| {v['experiment']} | {len(v['seeds'])} of {len(v['planned_seeds'])} | {v['contrast']:+.3f} "
+                     f"({per_seed}) | {format_p(v['p_matrix'])} | {format_p(q_value)} | {own} | "
+                     f"{v['verdict'] or 'interim'} |")
+    return "\n".join(lines)
+
+
 def main(runs: Path) -> None:
     variants = [variant(d) for d in sorted(p for p in runs.iterdir() if p.is_dir() and any(p.glob("*/*/results.json")))]
-    text = "# The powered study: decision\n\n" + "\n\n".join(markdown(v) for v in variants) + "\n"
+    text = ("# The powered study: decision\n\n" + summary(variants) + "\n\n"
+            + "\n\n".join(markdown(v) for v in variants) + "\n")
     (runs / "decision.md").write_text(text)
     (runs / "decision.json").write_text(json.dumps(variants, indent=1, default=float))
     print(text)
