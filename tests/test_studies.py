@@ -66,3 +66,20 @@ def test_drift_alone_is_rarely_transfer_and_fewer_seeds_no_verdict(analyze, tmp_
     assert not decision["final"] and decision["verdict"] is None
     assert decision["own"]["owl"]["p_value"] is None, "one seed: no across-seed test"
     assert "INTERIM: 1 of the 3 planned seeds" in analyze.markdown(decision)
+
+
+def test_the_committed_decision_is_what_the_current_code_computes(analyze, tmp_path: Path) -> None:
+    """studies/powered/runs/decision.md is the study's result in README: recomputing it from the committed job dirs
+    with today's analyze.py (and the report and stats code it uses) must give the same text, so a change to that
+    code cannot leave a stale decision behind."""
+    committed = ROOT / "studies" / "powered" / "runs"
+    runs = tmp_path / "runs"
+    for results in committed.glob("*/seed*/*/results.json"):
+        job = runs / results.parent.relative_to(committed)
+        job.mkdir(parents=True)
+        for name in ("results.json", "provenance.json"):
+            if (results.parent / name).exists():
+                (job / name).write_bytes((results.parent / name).read_bytes())
+    analyze.main(runs)
+    assert (runs / "decision.md").read_text() == (committed / "decision.md").read_text(), (
+        "stale: rerun `python studies/powered/analyze.py studies/powered/runs` and commit decision.md")
