@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sublim.report import write_report
 from tests.test_report import TRAITS, _results, _treatments, _write
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,10 +69,11 @@ def test_drift_alone_is_rarely_transfer_and_fewer_seeds_no_verdict(analyze, tmp_
     assert "INTERIM: 1 of the 3 planned seeds" in analyze.markdown(decision)
 
 
+@pytest.mark.slow
 def test_the_committed_decision_is_what_the_current_code_computes(analyze, tmp_path: Path) -> None:
-    """studies/powered/runs/decision.md is the study's result in README: recomputing it from the committed job dirs
-    with today's analyze.py (and the report and stats code it uses) must give the same text, so a change to that
-    code cannot leave a stale decision behind."""
+    """studies/powered/runs/decision.md and report.md/csv hold the study's result in README: recomputing them from
+    the committed job dirs with today's analyze.py and report code must give the same text, so a change to that
+    code cannot leave a stale result behind."""
     committed = ROOT / "studies" / "powered" / "runs"
     runs = tmp_path / "runs"
     for results in committed.glob("*/seed*/*/results.json"):
@@ -81,5 +83,9 @@ def test_the_committed_decision_is_what_the_current_code_computes(analyze, tmp_p
             if (results.parent / name).exists():
                 (job / name).write_bytes((results.parent / name).read_bytes())
     analyze.main(runs)
-    assert (runs / "decision.md").read_text() == (committed / "decision.md").read_text(), (
-        "stale: rerun `python studies/powered/analyze.py studies/powered/runs` and commit decision.md")
+    write_report(runs)
+    report = "python -m sublim.report"
+    for name, command in (("decision.md", "python studies/powered/analyze.py"), ("report.md", report),
+                          ("report.csv", report)):
+        assert (runs / name).read_text() == (committed / name).read_text(), (
+            f"stale {name}: rerun `{command} studies/powered/runs` and commit it")
