@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -77,11 +78,7 @@ def test_the_committed_decision_is_what_the_current_code_computes(analyze, tmp_p
     committed = ROOT / "studies" / "powered" / "runs"
     runs = tmp_path / "runs"
     for results in committed.glob("*/seed*/*/results.json"):
-        job = runs / results.parent.relative_to(committed)
-        job.mkdir(parents=True)
-        for name in ("results.json", "provenance.json"):
-            if (results.parent / name).exists():
-                (job / name).write_bytes((results.parent / name).read_bytes())
+        shutil.copytree(results.parent, runs / results.parent.relative_to(committed))
     analyze.main(runs)
     write_report(runs)
     report = "python -m sublim.report"
