@@ -160,6 +160,13 @@ def test_help_ls_show_and_bad_arguments(tmp_path: Path, capsys) -> None:
         assert err.count("\n") == 1 and err.startswith("sublim.store: error: "), err
 
 
+def test_a_reader_that_stops_early_ends_the_listing_quietly(tmp_path: Path) -> None:
+    _make(tmp_path)  # `ls | head`: the reader is gone before the listing is written (Python ignores SIGPIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "sublim.store", "--root", str(tmp_path), "ls"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 141 and proc.stderr.read() == b""
+
 def test_verify_exit_codes(tmp_path: Path, capsys) -> None:
     art = _make(tmp_path)
     other = Store(tmp_path).get_or_compute("model", {}, {}, lambda out: (out / "w").write_text("w"), code=CODE)

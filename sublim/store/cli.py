@@ -70,11 +70,16 @@ def main(argv: list[str] | None = None) -> int:
         _fail(f"no artifact store at {root} (pass --root DIR or set SUBLIM_ROOT)")
     store = Store(root)
     try:
-        return {"ls": _ls, "show": _show, "verify": _verify, "rm": _rm, "gc": _gc,
+        code = {"ls": _ls, "show": _show, "verify": _verify, "rm": _rm, "gc": _gc,
                 "compute": _compute, "provenance": _provenance}[args.command](store, args)
+        sys.stdout.flush()  # here, where a closed pipe can still be caught, not at interpreter exit
+        return code
     except SublimError as err:
         print(f"sublim.store: {err}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `... | head` stopped reading: end quietly, as ls does, not with a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit-time flush must not fail again
+        return 141
 
 
 # --- commands --------------------------------------------------------------------------------------
