@@ -203,7 +203,9 @@ def _gc(store: Store, args: argparse.Namespace) -> int:
 # --- helpers ---------------------------------------------------------------------------------------
 
 def _results(jobs: list[Path]) -> list[Path]:
-    found = sorted({path.resolve() for job in jobs for path in job.glob("**/results.json")})
+    """os.walk, not Path.glob: a W&B run dir that its background process deletes mid-walk is skipped, not fatal."""
+    found = sorted({(Path(top) / "results.json").resolve() for job in jobs for top, _, files in os.walk(job)
+                    if "results.json" in files})
     if not found:
         _fail(f"no results.json under {', '.join(map(str, jobs))}: pass job or sweep dirs")
     return found
