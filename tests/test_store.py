@@ -167,19 +167,23 @@ def test_a_reader_that_stops_early_ends_the_listing_quietly(tmp_path: Path) -> N
     proc.stdout.close()
     assert proc.wait(timeout=60) == 141 and proc.stderr.read() == b""
 
+
 def test_compute_skips_a_dir_deleted_while_it_walks(tmp_path: Path, monkeypatch, capsys) -> None:
     (tmp_path / "job").mkdir()
     (tmp_path / "job" / "results.json").write_text(json.dumps({"stages": {}}))
-    (tmp_path / "job" / "wandb" / "tmp").mkdir(parents=True)  # W&B deletes it after the report's run ends
+    gone = tmp_path / "job" / "wandb" / "tmp"  # W&B deletes it after the report's run ends
+    gone.mkdir(parents=True)
     scandir = os.scandir
 
     def vanishing(path):
-        if str(path).endswith("tmp"):
+        if Path(path) == gone:
             raise FileNotFoundError(path)
         return scandir(path)
+
     monkeypatch.setattr(os, "scandir", vanishing)
     assert main(["--root", str(tmp_path), "compute", str(tmp_path / "job")]) == 0
     assert capsys.readouterr().out.startswith("1 results.json, 0 artifacts")
+
 
 def test_verify_exit_codes(tmp_path: Path, capsys) -> None:
     art = _make(tmp_path)
