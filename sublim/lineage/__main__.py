@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from sublim import SublimError
+from sublim import SublimError, quiet_on_closed_pipe
 from sublim.lineage import Lineage, diff, from_ref, from_results, render
 from sublim.store import Store, default_root
 
@@ -63,22 +63,23 @@ def _store(store_dir: Path | None) -> Store:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        if args.diff:
-            if args.target or args.png:
-                raise SublimError("--diff A B takes no other target and no --png")
-            store = _store(args.store)
-            a, b = (from_ref(ref, store) for ref in args.diff)
-            print("\n".join(diff(a.roots[0][1], b.roots[0][1])))
-            return 0
-        if not args.target:
-            raise SublimError("name a job dir, a results.json or STAGE/KEY (or --diff A B)")
-        lineage = load(args.target, args.store)
-        print("\n".join(render(lineage)))
-        if args.png:
-            from sublim.lineage.plot import draw
+        with quiet_on_closed_pipe():
+            if args.diff:
+                if args.target or args.png:
+                    raise SublimError("--diff A B takes no other target and no --png")
+                store = _store(args.store)
+                a, b = (from_ref(ref, store) for ref in args.diff)
+                print("\n".join(diff(a.roots[0][1], b.roots[0][1])))
+                return 0
+            if not args.target:
+                raise SublimError("name a job dir, a results.json or STAGE/KEY (or --diff A B)")
+            lineage = load(args.target, args.store)
+            print("\n".join(render(lineage)))
+            if args.png:
+                from sublim.lineage.plot import draw
 
-            draw(lineage, args.png)
-            print(f"picture: {args.png}")
+                draw(lineage, args.png)
+                print(f"picture: {args.png}")
     except SublimError as err:
         fail(err)
     return 0

@@ -30,6 +30,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from sublim import quiet_on_closed_pipe
 from sublim.report import generations
 from sublim.report.effects import MISALIGNMENT_METRICS, PREFERENCE_METRICS, Effect, Metric, chart
 from sublim.report.jobs import MISALIGNMENT_TAIL, PREFERENCE_TAIL, collect, collect_misalignment, columns
@@ -148,5 +149,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         parser.error(f"{args.sweep_dir} is not a directory")
-    if write_report(args.sweep_dir) is None:
-        raise SystemExit(f"error: no finished jobs (results.json) under {args.sweep_dir}")
+    with quiet_on_closed_pipe():
+        if write_report(args.sweep_dir) is None:
+            raise SystemExit(f"error: no finished jobs (results.json) under {args.sweep_dir}")

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
-from sublim import SublimError
+from sublim import SublimError, quiet_on_closed_pipe
 from sublim.store import LINEAGE, LOCKS, Store, check_files, default_root, tmp_name
 from sublim.store.lock import HOST, LOCK_TIMEOUT, lock_owner, pid_alive, take_over
 from sublim.store.provenance import job_provenance, read_provenance, write_provenance
@@ -70,16 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         _fail(f"no artifact store at {root} (pass --root DIR or set SUBLIM_ROOT)")
     store = Store(root)
     try:
-        code = {"ls": _ls, "show": _show, "verify": _verify, "rm": _rm, "gc": _gc,
-                "compute": _compute, "provenance": _provenance}[args.command](store, args)
-        sys.stdout.flush()  # here, where a closed pipe can still be caught, not at interpreter exit
-        return code
+        with quiet_on_closed_pipe():
+            return {"ls": _ls, "show": _show, "verify": _verify, "rm": _rm, "gc": _gc,
+                    "compute": _compute, "provenance": _provenance}[args.command](store, args)
     except SublimError as err:
         print(f"sublim.store: {err}", file=sys.stderr)
         return 1
-    except BrokenPipeError:  # `... | head` stopped reading: end quietly, as ls does, not with a traceback
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit-time flush must not fail again
-        return 141
 
 
 # --- commands --------------------------------------------------------------------------------------
