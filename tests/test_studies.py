@@ -55,6 +55,7 @@ def test_a_planted_diagonal_is_transfer_over_the_planned_seeds(analyze, tmp_path
     assert np.isclose(over_seeds["mean"], decision["contrast"]) and over_seeds["low"] > 0 and over_seeds["n_seeds"] == 3
     text = (runs / "decision.md").read_text()
     assert "**Verdict: transfer.**" in text and "INTERIM" not in text
+    assert (runs / "decision.png").stat().st_size > 10_000, "the per-seed figure beside decision.md"
 
 
 def test_drift_alone_is_rarely_transfer_and_fewer_seeds_no_verdict(analyze, tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """The powered study's decision, by the rule fixed before it ran (docs/studies.md), from its committed job dirs.
 
-    python studies/powered/analyze.py studies/powered/runs      # writes decision.md and decision.json there
+    python studies/powered/analyze.py studies/powered/runs      # writes decision.md, .json and .png there
 
 ``runs/<experiment>/seed<k>/<job>/`` holds each sitting's jobs (results.json, provenance.json). Per variant
 (experiment): the trait x target matrix of log(P_T / P_C) over the seeds that have every trait, its diagonal
@@ -16,6 +16,10 @@ import math
 import sys
 from pathlib import Path
 
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the headless backend is chosen)
 import numpy as np
 import yaml
 from scipy import stats
@@ -141,12 +145,35 @@ def summary(variants: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(variants: list[dict], path: Path) -> None:
+    """Per variant: every seed's own-target effect and diagonal contrast, with the mean and its 95% t CI, so the
+    reader sees at a glance whether an effect is in every seed or carried by one."""
+    fig, axes = plt.subplots(1, len(variants), figsize=(4.2 * len(variants), 3.6), sharey=True, squeeze=False)
+    for ax, v in zip(axes[0], variants, strict=True):
+        tests = [*v["own"].values(), v["contrast_over_seeds"]]
+        labels = [*v["own"], "diagonal\ncontrast"]
+        for x, t in enumerate(tests):
+            ax.scatter([x + 0.12] * len(t["effects"]), t["effects"], s=14, color="0.55", zorder=2)
+            low, high = (t["mean"], t["mean"]) if t["low"] is None else (t["low"], t["high"])
+            ax.errorbar(x - 0.08, t["mean"], yerr=[[t["mean"] - low], [high - t["mean"]]], fmt="o",
+                        color="C3" if x == len(tests) - 1 else "C0", capsize=3, zorder=3)
+        ax.axhline(0, color="0.3", lw=0.8)
+        ax.set_xticks(range(len(labels)), labels)
+        status = v["verdict"] or f"interim, {len(v['seeds'])} of {len(v['planned_seeds'])} seeds"
+        ax.set_title(f"{v['experiment']}\n{status}; contrast p = {format_p(v['p_matrix'])}", fontsize=9)
+    axes[0][0].set_ylabel("log(P_T / P_C): seeds (grey), mean [95% t CI]")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(runs: Path) -> None:
     variants = [variant(d) for d in sorted(p for p in runs.iterdir() if p.is_dir() and any(p.glob("*/*/results.json")))]
     text = ("# The powered study: decision\n\n" + summary(variants) + "\n\n"
             + "\n\n".join(markdown(v) for v in variants) + "\n")
     (runs / "decision.md").write_text(text)
     (runs / "decision.json").write_text(json.dumps(variants, indent=1, default=float))
+    plot(variants, runs / "decision.png")
     print(text)
 
 
