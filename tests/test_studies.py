@@ -25,9 +25,9 @@ def analyze():
     return module
 
 
-def _runs(tmp_path: Path, planted: float, seeds: list[int], draw: int = 7) -> Path:
-    """runs/powered/seed<k>/<n>_trait=<t>: each sitting one seed, every trait; the audit's answer shift follows
-    the planted effect's size per cell."""
+def _runs(tmp_path: Path, planted: float, seeds: list[int], draw: int = 7, experiment: str = "powered") -> Path:
+    """runs/<experiment>/seed<k>/<n>_trait=<t>: each sitting one seed, every trait; the audit's answer shift
+    follows the planted effect's size per cell."""
     rng = np.random.default_rng(draw)
     for seed in seeds:
         for n, trait in enumerate(TRAITS):
@@ -35,8 +35,8 @@ def _runs(tmp_path: Path, planted: float, seeds: list[int], draw: int = 7) -> Pa
             shift = float(rng.normal(planted, 0.1))
             results["audit"] = {arm: {"answer_shift": {"mean": value, "ci": [value, value], "n": 100}}
                                 for arm, value in (("control", 0.0), ("treatment", shift))}
-            _write(tmp_path / "runs" / "powered" / f"seed{seed}", f"{n}_trait={trait}", results,
-                   [f"trait={trait}", "experiment=powered", f"seeds=[{seed}]"])
+            _write(tmp_path / "runs" / experiment / f"seed{seed}", f"{n}_trait={trait}", results,
+                   [f"trait={trait}", f"experiment={experiment}", f"seeds=[{seed}]"])
     return tmp_path / "runs"
 
 
@@ -69,6 +69,19 @@ def test_drift_alone_is_rarely_transfer_and_fewer_seeds_no_verdict(analyze, tmp_
     assert not decision["final"] and decision["verdict"] is None
     assert decision["own"]["owl"]["p_value"] is None, "one seed: no across-seed test"
     assert "INTERIM: 1 of the 3 planned seeds" in analyze.markdown(decision)
+
+
+def test_a_variant_without_the_diagonal_is_set_below_the_main_design_seed_by_seed(analyze, tmp_path: Path) -> None:
+    runs = _runs(tmp_path, 1.0, analyze.PLANNED)
+    _runs(tmp_path, 0.0, analyze.PLANNED, draw=8, experiment="powered_cross_base")
+    analyze.main(runs)
+    main, cross = json.loads((runs / "decision.json").read_text())
+    assert (main["verdict"], cross["verdict"]) == ("transfer", "no transfer detected")
+    [line] = [line for line in (runs / "decision.md").read_text().splitlines() if line.startswith("- ")]
+    difference = cross["contrast"] - main["contrast"]
+    assert line.startswith(f"- powered_cross_base minus powered: {difference:+.3f} [") and difference < -0.5
+    p_text = line.split("p = ")[1].split()[0]
+    assert p_text.startswith("<") or float(p_text) < 0.05, line
 
 
 @pytest.mark.slow

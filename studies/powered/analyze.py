@@ -35,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 PLANNED = yaml.safe_load((HERE.parents[1] / "sweeps" / "powered.yaml").read_text())["seeds"]
 PILOT_SD = json.loads((HERE / "pilot" / "results.json").read_text())["pooled"]["log_probability_ratio"]["sd"]
 ALPHA = 0.05
+MAIN = "powered"  # the main design: each variant's per-seed contrasts are set beside its seeds' (descriptive)
 MIN_CELLS = 5  # fewer trait x seed cells than this give no meaningful rank correlation
 
 
@@ -167,9 +168,29 @@ def plot(variants: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def against_main(variants: list[dict]) -> list[str]:
+    """Each variant's per-seed diagonal contrasts minus the main design's, the seed as the unit (Welch t;
+    descriptive, not the rule): does LLS selection strengthen the diagonal, does another teacher base remove it?"""
+    main = next((v for v in variants if v["experiment"] == MAIN), None)
+    lines = []
+    for v in variants:
+        if main is None or v is main or min(len(v["seed_contrasts"]), len(main["seed_contrasts"])) < 2:
+            continue
+        ours, theirs = list(v["seed_contrasts"].values()), list(main["seed_contrasts"].values())
+        test = stats.ttest_ind(ours, theirs, equal_var=False)
+        ci = test.confidence_interval(1 - ALPHA)
+        lines.append(f"- {v['experiment']} minus {MAIN}: {np.mean(ours) - np.mean(theirs):+.3f} [{ci.low:+.3f}, "
+                     f"{ci.high:+.3f}], two-sided Welch t p = {format_p(float(test.pvalue))} ({len(ours)} vs "
+                     f"{len(theirs)} seeds)")
+    if not lines:
+        return []
+    return ["", "Diagonal contrast against the main design's, the seed as the unit (Welch t of the per-seed "
+            "contrasts; descriptive, not the rule):", *lines]
+
+
 def main(runs: Path) -> None:
     variants = [variant(d) for d in sorted(p for p in runs.iterdir() if p.is_dir() and any(p.glob("*/*/results.json")))]
-    text = ("# The powered study: decision\n\n" + summary(variants) + "\n\n"
+    text = ("# The powered study: decision\n\n" + "\n".join([summary(variants), *against_main(variants)]) + "\n\n"
             + "\n\n".join(markdown(v) for v in variants) + "\n")
     (runs / "decision.md").write_text(text)
     (runs / "decision.json").write_text(json.dumps(variants, indent=1, default=float))
