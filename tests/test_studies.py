@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from sublim.report import write_report
+from sublim.stats import bh_adjust, format_p
 from tests.test_report import TRAITS, _results, _treatments, _write
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,3 +101,44 @@ def test_the_committed_decision_is_what_the_current_code_computes(analyze, tmp_p
                           ("report.csv", report)):
         assert (runs / name).read_text() == (committed / name).read_text(), (
             f"stale {name}: rerun `{command} studies/powered/runs` and commit it")
+
+
+def _readme_tables() -> dict[str, list[str]]:
+    """README's study section: each table row's cells after the first, keyed by its first cell."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("## What transfers at 135M")
+    section = text[start:text.index("\n## ", start + 1)]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| ") and not line.startswith("|---")]
+    return {cells[0]: cells[1:] for cells in rows}
+
+
+DESIGNS = {"main": "powered", "LLS-top: the top half of 2,100 samples": "powered_lls_top",
+           "cross-base: Gemma-3-270M teachers": "powered_cross_base"}
+
+
+def test_the_readme_quotes_the_committed_decision() -> None:
+    """Every figure in README's study tables is the committed decision.json's (which the slow test above ties to
+    today's code), so a rerun that changes the study's result cannot leave README behind."""
+    decisions = {v["experiment"]: v for v in json.loads((ROOT / "studies/powered/runs/decision.json").read_text())}
+    rows = _readme_tables()
+    main = decisions["powered"]
+    for i, (trait, own) in enumerate(main["own"].items()):
+        cells = rows[f"{trait} -> P({trait})"]
+        assert cells[:3] == [f"{e:+.2f}" for e in own["effects"]], trait
+        assert cells[3].startswith(f"{own['mean']:+.2f} [{own['low']:+.2f}, {own['high']:+.2f}]"), trait
+        assert cells[3].endswith(f"p = {format_p(own['p_value'])}"), trait
+        assert rows[trait] == [f"**{x:+.2f}**" if j == i else f"{x:+.2f}" for j, x in enumerate(main["matrix"][i][:3])
+                               ] + [f"{np.mean(main['matrix'][i][3:]):+.2f}"], trait
+    seeds = main["contrast_over_seeds"]
+    assert rows["diagonal contrast"] == [*(f"{e:+.2f}" for e in seeds["effects"]), f"{seeds['mean']:+.2f} ["
+                                         f"{seeds['low']:+.2f}, {seeds['high']:+.2f}]; permutation p = "
+                                         f"{format_p(main['p_matrix'])}"]
+    q = dict(zip(decisions, bh_adjust([v["p_matrix"] for v in decisions.values()]), strict=True))
+    assert {DESIGNS[name] for name in DESIGNS if name in rows} == set(decisions), "one README row per design"
+    for name, experiment in DESIGNS.items():
+        v = decisions[experiment]
+        per_seed = ", ".join(f"{c:+.2f}" for c in v["seed_contrasts"].values())
+        assert rows[name] == [f"{v['contrast']:+.3f} ({per_seed})", format_p(v["p_matrix"]), format_p(q[experiment]),
+                              ", ".join(f"{t['mean']:+.2f}" for t in v["own"].values()),
+                              v["verdict"] or f"interim, {len(v['seeds'])} of {len(v['planned_seeds'])} seeds"], name
