@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sublim import SublimError
 from sublim.schema import ConfigError, validate
-from sublim.schema.groups_cli import group_problems
+from sublim.schema.overrides import refuse_bad_overrides
 
 log = logging.getLogger("sublim")
 
@@ -76,9 +76,17 @@ def run_job(cfg: DictConfig, job_dir: Path, name: str = "default", group: str = 
     return results
 
 
+def _log_to_files(level: int, message: str) -> None:
+    """A record for the log files only (Hydra's job log), not the console, which gets the message as one line."""
+    record = log.makeRecord(log.name, level, __file__, 0, message, (), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def fail(err: SublimError) -> NoReturn:
     """A user or environment error: its line(s) on stderr, no stack trace, exit code 2."""
-    log.error("%s", err)  # the job's log file keeps why it stopped
+    _log_to_files(logging.ERROR, str(err))  # the job's log file keeps why it stopped; the console has it once
     lines = err.lines if isinstance(err, ConfigError) else [str(err)]
     print("\n".join(f"error: {line}" for line in lines), file=sys.stderr, flush=True)
     raise SystemExit(2)
@@ -98,12 +106,8 @@ def main(cfg: DictConfig) -> None:
 
 
 def entry() -> None:
-    """``python -m sublim.train``: config-group choices checked (one line each, exit 2) before Hydra starts."""
-    root = Path(__file__).resolve().parents[1]
-    problems = group_problems(sys.argv[1:], [root / "conf", root])
-    if problems:
-        print("\n".join(f"error: {line}" for line in problems), file=sys.stderr, flush=True)
-        raise SystemExit(2)
+    """``python -m sublim.train``: the overrides checked (one line each, exit 2) before Hydra starts."""
+    refuse_bad_overrides(Path(__file__).resolve().parents[1] / "conf")
     main()
 
 

@@ -215,6 +215,15 @@ def test_the_command_exits_2_with_one_error_line(tmp_path) -> None:
     assert done.stderr.strip().splitlines() == [f"error: audit.dataset={tmp_path}/missing.jsonl: no such file; give "
                                                 "a .jsonl of prompt/completion rows or the id of a Hugging Face "
                                                 "dataset in the local cache"]
+    log = (tmp_path / "outputs").glob("runs/*/*/*.log")
+    assert "missing.jsonl: no such file" in next(log).read_text(), "the job's log file keeps why it stopped"
+
+
+def test_the_command_checks_its_overrides_before_hydra_starts(tmp_path) -> None:
+    done = subprocess.run([sys.executable, "-m", "sublim.audit", "base=smolm2", f"paths.root={tmp_path}"],
+                          cwd=CONF.parent, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith("error: base=smolm2 is not a base config"), done.stderr
+    assert len(done.stderr.splitlines()) == 1 and not (tmp_path / "outputs").exists()
 
 
 def test_a_hugging_face_dataset_is_read_offline_with_its_split_and_fields(make_cfg, monkeypatch) -> None:

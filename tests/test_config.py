@@ -104,9 +104,16 @@ def _sublim(*args: str) -> subprocess.CompletedProcess:
     (["base=smolm2"], "error: base=smolm2 is not a base config (conf/base/); did you mean base=smollm2? known: "),
     (["-m", "trait=owl,nope"], "error: trait=nope is not a trait config (conf/trait/); known: cat, cherry, "),
     (["-m", "+sweeps=powerd"], "error: +sweeps=powerd is not a sweeps config (sweeps/); did you mean +sweeps=powered"),
+    (["studnt.r=3"], "error: studnt.r=3 is not a known key; did you mean student? known: audit, base, data, "),
+    (["student=distill", "student.top_kk=8"], "error: student.top_kk=8 is not a known key; did you mean "
+                                              "student.top_k? known under student: accumulate_grad_batches, "),
+    (["-m", "trait=owl,eagle", "seed.x=1"], "error: seed.x=1 is not a known key: seed is a single value"),
+    (["student.r=["], "error: student.r=[ is not a valid override (no viable alternative at input '['); the "
+                      "grammar: https://hydra.cc/docs/advanced/override_grammar/basic/"),
 ])
-def test_an_unknown_config_group_choice_is_one_line_and_exit_2(tmp_path: Path, args: list[str], line: str) -> None:
-    """Checked before Hydra composes (whose own message is many lines and exit 1); sweeps too, every choice."""
+def test_an_unknown_choice_or_key_is_one_line_and_exit_2(tmp_path: Path, args: list[str], line: str) -> None:
+    """Checked before Hydra composes (whose own message is many lines and exit 1); sweeps too, every choice; a key
+    against the config the group choices compose (student.top_k exists only under student=distill)."""
     proc = _sublim(*args, f"paths.root={tmp_path}")
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith(line) and proc.stderr.count("\n") == 1, proc.stderr

@@ -116,6 +116,8 @@ def test_design_card_command_fails_fast_without_network(tmp_path: Path) -> None:
 def test_cli_run_prints_the_results_table(tmp_path: Path) -> None:
     proc = _cli("base=tiny_gpt2", *TINY, f"paths.root={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "][INFO]" not in proc.stdout, "log lines go to stderr (and the job's log), so stdout can be piped"
+    assert "[sublim.store][INFO] - stage sample" in proc.stderr
     table = proc.stdout[proc.stdout.index("arm "):]
     for arm in ("base", "control", "treatment"):
         assert f"\n{arm} " in table
