@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -22,9 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from sublim import SublimError
 from sublim.schema import ConfigError, validate
-from sublim.schema.overrides import refuse_bad_overrides
+from sublim.schema.overrides import check_overrides
 
 log = logging.getLogger("sublim")
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 # task name -> module with run(cfg, job_dir, tracker) -> results and format_table(results) -> str
 TASKS = {"subliminal": "sublim.pipeline", "mnist_aux": "sublim.toy.mnist_aux"}
@@ -105,10 +107,14 @@ def main(cfg: DictConfig) -> None:
         fail(err)
 
 
-def entry() -> None:
-    """``python -m sublim.train``: the overrides checked (one line each, exit 2) before Hydra starts."""
-    refuse_bad_overrides(Path(__file__).resolve().parents[1] / "conf")
-    main()
+def entry(conf: Path = CONF, run: Callable[[], None] = main) -> None:
+    """An entry point: the command line's overrides checked against ``conf`` (one line each, exit 2) before Hydra
+    starts ``run``; ``python -m sublim.train`` by default, ``python -m sublim.audit`` with its own pair."""
+    try:
+        check_overrides(conf)
+    except ConfigError as err:
+        fail(err)
+    run()
 
 
 if __name__ == "__main__":

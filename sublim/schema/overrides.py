@@ -19,6 +19,8 @@ from hydra.core.override_parser.types import Override, OverrideType
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
+from sublim.schema.fields import ConfigError
+
 GRAMMAR = "https://hydra.cc/docs/advanced/override_grammar/basic/"
 
 
@@ -117,8 +119,7 @@ def override_problems(args: list[str], roots: list[Path]) -> list[str]:
     return problems or _group_problems(overrides, roots) or _key_problems(overrides, roots)
 
 
-def refuse_bad_overrides(conf: Path) -> None:
-    """Exit 2 with one ``error:`` line per bad override on the command line, before Hydra starts."""
+def check_overrides(conf: Path) -> None:
+    """Raise ConfigError (one line per bad override on the command line) so it is refused before Hydra starts."""
     if problems := override_problems(sys.argv[1:], [conf, conf.parent]):
-        print("\n".join(f"error: {line}" for line in problems), file=sys.stderr, flush=True)
-        raise SystemExit(2)
+        raise ConfigError(problems)
