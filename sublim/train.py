@@ -8,6 +8,7 @@ exit 2; finished stages stay in the store, so the same command resumes after the
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -58,6 +59,12 @@ def job_identity() -> tuple[Path, str, str]:
     return Path(hydra_cfg.runtime.output_dir), name, group
 
 
+def bars_on_stderr() -> contextlib.AbstractContextManager:
+    """While a job computes, whatever draws on stdout (Lightning's Rich progress bars do) goes to stderr with the
+    log lines: stdout carries only the job's table, so it can be piped or parsed."""
+    return contextlib.redirect_stdout(sys.stderr)
+
+
 def run_job(cfg: DictConfig, job_dir: Path, name: str = "default", group: str = "runs") -> dict:
     """Run one job; W&B is closed whatever happens. The config is validated first (raises ConfigError)."""
     from sublim.tracking import Tracker
@@ -69,7 +76,8 @@ def run_job(cfg: DictConfig, job_dir: Path, name: str = "default", group: str = 
     _quiet_libraries()
     tracker = Tracker(cfg, job_dir, name, group)
     try:
-        results = task.run(cfg, job_dir, tracker)
+        with bars_on_stderr():
+            results = task.run(cfg, job_dir, tracker)
     except BaseException:
         tracker.finish(exit_code=1)
         raise

@@ -117,6 +117,7 @@ def test_cli_run_prints_the_results_table(tmp_path: Path) -> None:
     proc = _cli("base=tiny_gpt2", *TINY, f"paths.root={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "][INFO]" not in proc.stdout, "log lines go to stderr (and the job's log), so stdout can be piped"
+    assert "Predicting" in proc.stderr and "Predicting" not in proc.stdout, "progress bars draw on stderr"
     assert "[sublim.store][INFO] - stage sample" in proc.stderr
     table = proc.stdout[proc.stdout.index("arm "):]
     for arm in ("base", "control", "treatment"):

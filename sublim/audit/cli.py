@@ -44,7 +44,7 @@ from sublim.stages.audit import audit_data, load_scores
 from sublim.stages.model import model_artifact
 from sublim.store import Artifact, Store, cached_file_hashes, content_hash, read_jsonl, write_json
 from sublim.tracking import Tracker
-from sublim.train import _quiet_libraries, fail, job_identity
+from sublim.train import _quiet_libraries, bars_on_stderr, fail, job_identity
 from sublim.training import ADAPTER_DIR
 
 COLUMNS = ("index", "prompt", "completion", "lls", "answer_shift", "lls_plain", "n_tokens", "divergent",
@@ -263,7 +263,8 @@ def main(cfg: DictConfig) -> None:
     job_dir, name, _ = job_identity()
     out_dir = Path(cfg.audit.out) if cfg.audit.out else job_dir
     try:
-        results = audit(cfg, out_dir, name)
+        with bars_on_stderr():
+            results = audit(cfg, out_dir, name)
     except SublimError as err:
         fail(err)
     print("\n" + format_report(results, out_dir), flush=True)
