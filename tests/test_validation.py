@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -184,11 +183,11 @@ def test_dry_run_prints_a_good_config_and_refuses_a_bad_one(monkeypatch, capsys,
     assert capsys.readouterr().err.startswith("error: sampling.top_p=0.0 is outside (0, 1]; ")
 
 
-def _cli(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, float]:
-    start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "sublim.train", *args, f"paths.root={tmp_path}", "logger=none",
+def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """The command line, refused "at once": its stderr is the error line alone (no stage's log line came first) and
+    the store stays empty. Not a wall-clock bound, which a loaded machine breaks without anything being wrong."""
+    return subprocess.run([sys.executable, "-m", "sublim.train", *args, f"paths.root={tmp_path}", "logger=none",
                            "base=tiny_llama"], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    return proc, time.monotonic() - start
 
 
 @pytest.mark.parametrize(("override", "line"), [
@@ -198,17 +197,17 @@ def _cli(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, float
     ("data.n_train=0", "error: data.n_train=0 must be >= 1; set data.n_train to 1 or more"),
 ])
 def test_cli_refuses_a_bad_config_at_once(tmp_path: Path, override: str, line: str) -> None:
-    proc, seconds = _cli(tmp_path, override)
+    proc = _cli(tmp_path, override)
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith(line), proc.stderr
-    assert "Traceback" not in proc.stderr and seconds < 5
+    assert "Traceback" not in proc.stderr
     assert not list(tmp_path.glob("outputs/store/*")), "nothing is computed"
 
 
 def test_cli_multirun_refuses_every_job_before_the_first_runs(tmp_path: Path) -> None:
-    proc, seconds = _cli(tmp_path, "-m", "data.n_train=8,0")
+    proc = _cli(tmp_path, "-m", "data.n_train=8,0")
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr == "error: [data.n_train=0] data.n_train=0 must be >= 1; set data.n_train to 1 or more\n"
-    assert "Traceback" not in proc.stderr and seconds < 5
+    assert "Traceback" not in proc.stderr
     assert not list(tmp_path.glob("outputs/store/*")) and not list(tmp_path.glob("outputs/multiruns/*")), \
         "not even the good first job ran"
