@@ -115,11 +115,11 @@ def main(cfg: DictConfig) -> None:
         fail(err)
 
 
-def entry(conf: Path = CONF, run: Callable[[], None] = main) -> None:
-    """An entry point: the command line's overrides checked against ``conf`` (one line each, exit 2) before Hydra
-    starts ``run``; ``python -m sublim.train`` by default, ``python -m sublim.audit`` with its own pair."""
+def entry(run: Callable[[], None] = main) -> None:
+    """An entry point: the command line's overrides checked against conf/ (one line each, exit 2) before Hydra
+    starts ``run``; ``python -m sublim.train`` by default, ``python -m sublim.audit`` with its own main."""
     try:
-        check_overrides(conf)
+        check_overrides(CONF)
     except ConfigError as err:
         fail(err)
     run()
